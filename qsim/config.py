@@ -1,0 +1,193 @@
+"""Structured (typed) Hydra config. Hydra checks keys and types against these
+dataclasses; `validate` checks names and ranges. Both run before any model loads."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+from .formats import UnknownFormat, get_format
+from .quantizer import GRANULARITIES, SCALE_DTYPES
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+ROUNDINGS = ("nearest", "away", "stochastic")
+
+
+class ConfigError(ValueError):
+    """A bad name or value in the run config; the CLI prints it on one line, exit 2."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    source: str = "gguf"  # gguf | hub | tiny-opt
+    hf_id: str = ""
+    checkpoint: str = "base"  # base | paper
+    paper_hf_id: str = ""
+    dtype: str = "float32"
+    device_map: Optional[str] = None  # e.g. "auto": accelerate spreads a big model over devices
+    revision: Optional[str] = None
+    post_ln: bool = False  # tiny-opt only
+    seed: int = 0  # tiny-opt only
+
+
+@dataclass
+class FormatConfig:
+    name: str = MISSING
+    weight: str = "fp32"
+    act: str = "fp32"
+    attn: Optional[str] = None  # attention matmul operands; None = same as act
+    output: str = "fp32"
+
+
+@dataclass
+class QuantizerConfig:
+    granularity: str = "tensor"
+    axis: int = -1
+    block: int = 64
+    scale_dtype: str = "fp32"
+    symmetric: bool = True
+
+
+@dataclass
+class QuantConfig:
+    weight: QuantizerConfig = field(default_factory=lambda: QuantizerConfig(granularity="channel"))
+    act: QuantizerConfig = field(default_factory=lambda: QuantizerConfig(granularity="token"))
+    rounding: str = "nearest"
+    attention: bool = False
+    skip: list[str] = field(default_factory=lambda: ["lm_head", "*embed*", "*project_in", "*project_out"])
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MethodConfig:
+    name: str = MISSING
+    steps: list[str] = field(default_factory=list)
+
+
+@dataclass
+class AbfpConfig:
+    n: int = 64
+    scale_dtype: str = "bf16"
+    act_axis: int = -1  # the reduction axis of the following matmul
+    attention: bool = True
+    scale_format: Optional[str] = None  # second-level (VS-Quant) quantization of the scales
+
+
+@dataclass
+class TaskConfig:
+    name: str = MISSING
+    protocol: str = "gptq"  # gptq | paper
+    split: str = "test"
+    seq_len: int = 512
+    max_windows: Optional[int] = 40
+    batch_size: int = 1
+
+
+@dataclass
+class CalibConfig:
+    dataset: str = "ptb"
+    split: str = "test"
+    n_samples: int = 32
+    seq_len: int = 512
+    seed: int = 0
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = MISSING
+    format: FormatConfig = MISSING
+    method: MethodConfig = MISSING
+    task: TaskConfig = MISSING
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    abfp: AbfpConfig = field(default_factory=AbfpConfig)
+    seed: int = 0
+    progress: bool = True
+
+
+# Keys that do not change a result; left out of the config hash.
+NON_SEMANTIC = ("progress",)
+
+PROTOCOLS = ("gptq", "paper")
+MODEL_SOURCES = ("gguf", "hub", "tiny-opt")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def register_configs() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="format", name="format_schema", node=FormatConfig)
+    cs.store(group="method", name="method_schema", node=MethodConfig)
+    cs.store(group="task", name="task_schema", node=TaskConfig)
+
+
+def group_choices(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def _choice(what: str, value, valid) -> None:
+    if value not in valid:
+        raise ConfigError(f"unknown {what} {value!r}; valid: {', '.join(map(str, valid))}")
+
+
+def _check_format(where: str, name: str) -> None:
+    try:
+        get_format(name)
+    except UnknownFormat as err:
+        raise ConfigError(f"{where}: {err}") from None
+    except ValueError as err:  # e.g. int1: bits out of range
+        raise ConfigError(f"{where}={name!r}: {err}") from None
+
+
+def validate(cfg) -> None:
+    """Check every name and range; raise ConfigError with the valid choices."""
+    from .methods import METHODS
+    from .tasks import TASKS
+
+    _choice("model source", cfg.model.source, MODEL_SOURCES)
+    _choice("model.dtype", cfg.model.dtype, DTYPES)
+    _choice("model.checkpoint", cfg.model.checkpoint, ("base", "paper"))
+    if cfg.model.checkpoint == "paper" and not cfg.model.paper_hf_id:
+        raise ConfigError(f"model {cfg.model.name!r} has no paper checkpoint; only opt-* models do")
+    for role in ("weight", "act", "output"):
+        _check_format(f"format.{role}", getattr(cfg.format, role))
+    if cfg.format.attn is not None:
+        _check_format("format.attn", cfg.format.attn)
+    for role in ("weight", "act"):
+        q = getattr(cfg.quant, role)
+        _choice(f"quant.{role}.granularity", q.granularity, GRANULARITIES)
+        _choice(f"quant.{role}.scale_dtype", q.scale_dtype, SCALE_DTYPES)
+        if q.block < 1:
+            raise ConfigError(f"quant.{role}.block must be >= 1, got {q.block}")
+    _choice("quant.rounding", cfg.quant.rounding, ROUNDINGS)
+    for pattern, override in cfg.quant.overrides.items():
+        if not hasattr(override, "keys"):
+            raise ConfigError(f"quant.overrides[{pattern!r}] must map weight/act/output to a format")
+        for role, value in override.items():
+            _choice(f"quant.overrides[{pattern!r}] key", role, ("weight", "act", "output"))
+            _check_format(f"quant.overrides[{pattern!r}].{role}", value if isinstance(value, str) else value.get("format", "fp32"))
+    for step in cfg.method.steps:
+        _choice("method step", step, sorted(METHODS))
+    if cfg.abfp.n < 1:
+        raise ConfigError(f"abfp.n (block length) must be >= 1, got {cfg.abfp.n}")
+    _choice("abfp.scale_dtype", cfg.abfp.scale_dtype, SCALE_DTYPES)
+    if cfg.abfp.scale_format is not None:
+        _check_format("abfp.scale_format", cfg.abfp.scale_format)
+    _choice("task", cfg.task.name, sorted(TASKS))
+    _choice("task.protocol", cfg.task.protocol, PROTOCOLS)
+    if cfg.task.seq_len < 2:
+        raise ConfigError(f"task.seq_len must be >= 2, got {cfg.task.seq_len}")
+    if cfg.task.max_windows is not None and cfg.task.max_windows < 1:
+        raise ConfigError(f"task.max_windows must be >= 1 or null (all), got {cfg.task.max_windows}")
+    if cfg.task.batch_size < 1:
+        raise ConfigError(f"task.batch_size must be >= 1, got {cfg.task.batch_size}")
+    if cfg.calib.n_samples < 1 or cfg.calib.seq_len < 2:
+        raise ConfigError("calib.n_samples must be >= 1 and calib.seq_len >= 2")
+    for step in cfg.method.steps:
+        METHODS[step].validate(cfg)

@@ -1,0 +1,119 @@
+"""Evaluation and calibration text: offline from QSIM_DATA_DIR, online from `datasets`.
+
+QSIM_DATA_DIR follows the layout of ../shared/data (see its README):
+wikitext-2-raw-v1/<split>.jsonl, ptb/test.txt, glue/sst2/train.tsv.
+Offline there is no WikiText-2 train/validation, so calibration defaults to
+PTB test, which is never evaluation text here.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import torch
+
+DATA_ENV = "QSIM_DATA_DIR"
+
+OFFLINE_FILES = {
+    ("wikitext2", "test"): "wikitext-2-raw-v1/test.jsonl",
+    ("wikitext2", "validation"): "wikitext-2-raw-v1/validation.jsonl",
+    ("wikitext2", "train"): "wikitext-2-raw-v1/train.jsonl",
+    ("ptb", "test"): "ptb/test.txt",
+    ("sst2", "train"): "glue/sst2/train.tsv",
+    ("sst2", "validation"): "glue/sst2/dev.tsv",
+}
+HUB = {
+    "wikitext2": ("wikitext", "wikitext-2-raw-v1", "text"),
+    "ptb": ("ptb_text_only", "penn_treebank", "sentence"),
+    "sst2": ("glue", "sst2", "sentence"),
+    "c4": ("allenai/c4", "en", "text"),
+}
+DATASETS = tuple(HUB)
+
+
+class DataError(RuntimeError):
+    pass
+
+
+def data_dir() -> Path | None:
+    value = os.environ.get(DATA_ENV)
+    return Path(value) if value else None
+
+
+def offline_path(dataset: str, split: str) -> Path | None:
+    root = data_dir()
+    rel = OFFLINE_FILES.get((dataset, split))
+    if root is None or rel is None:
+        return None
+    return root / rel
+
+
+def has_offline(dataset: str, split: str) -> bool:
+    path = offline_path(dataset, split)
+    return path is not None and path.exists()
+
+
+def load_rows(dataset: str, split: str) -> list[str]:
+    """The rows of a text data set split, offline first, else from the hub."""
+    path = offline_path(dataset, split)
+    if path is not None and path.exists():
+        return _read_offline(path)
+    if dataset not in HUB:
+        raise DataError(f"unknown data set {dataset!r}; valid: {', '.join(DATASETS)}")
+    expected = OFFLINE_FILES.get((dataset, split), f"<{dataset} {split}>")
+    if data_dir() is not None:
+        hint = f"{path} does not exist" if path else f"no offline copy of {dataset} {split} is known"
+        raise DataError(f"{hint}; {DATA_ENV}={data_dir()} should hold {expected} (see ../shared/data/README.md)")
+    try:
+        from datasets import load_dataset
+
+        name, config, column = HUB[dataset]
+        ds = load_dataset(name, config, split=split)
+    except Exception as err:  # no network, no such split, ...
+        raise DataError(
+            f"could not load {dataset} {split} from the hub ({type(err).__name__}); offline, set "
+            f"{DATA_ENV} to a folder holding {expected} (e.g. ../shared/data)"
+        ) from err
+    return list(ds[column])
+
+
+def _read_offline(path: Path) -> list[str]:
+    if path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as f:
+            return [json.loads(line)["text"] for line in f]
+    if path.suffix == ".tsv":
+        with path.open(encoding="utf-8", newline="") as f:
+            reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+            next(reader)  # header
+            return [row[0] for row in reader if row]
+    return path.read_text(encoding="utf-8").splitlines()
+
+
+def check_available(dataset: str, split: str) -> None:
+    """Fail early (before any model loads) when offline data is configured but missing."""
+    if data_dir() is not None and not has_offline(dataset, split):
+        expected = OFFLINE_FILES.get((dataset, split))
+        if expected is None:
+            raise DataError(f"no offline copy of {dataset} {split} exists; {DATA_ENV} data has: "
+                            + ", ".join(f"{d} {s}" for (d, s) in OFFLINE_FILES if has_offline(d, s)))
+        raise DataError(f"{DATA_ENV}={data_dir()} has no {expected}")
+
+
+def join_text(rows: list[str]) -> str:
+    return "\n\n".join(rows)
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    return torch.as_tensor(tokenizer(text)["input_ids"], dtype=torch.long).reshape(-1)
+
+
+def calibration_windows(tokenizer, dataset: str, split: str, n_samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    """`n_samples` random token windows of `seq_len` (GPTQ's sampler), deterministic per seed."""
+    ids = tokenize(tokenizer, join_text(load_rows(dataset, split)))
+    if ids.numel() <= seq_len:
+        raise DataError(f"{dataset} {split} has {ids.numel()} tokens, fewer than calib seq_len {seq_len}")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seq_len, (n_samples,), generator=gen)
+    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])

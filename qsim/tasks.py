@@ -1,0 +1,92 @@
+"""Evaluation tasks, registered by name. Each checks its data before the model
+loads (`check`) and evaluates a loaded model (`evaluate`)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import data
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    metric: str
+    check: Callable
+    evaluate: Callable
+
+
+TASKS: dict[str, Task] = {}
+
+
+def _wikitext_split(cfg) -> str:
+    """The paper protocol prefers validation; offline only test exists, so fall back to it."""
+    split = cfg.task.split
+    if cfg.task.protocol == "paper" and split == "validation" and data.data_dir() and not data.has_offline("wikitext2", split):
+        return "test"
+    return split
+
+
+def _check_wikitext2(cfg) -> None:
+    data.check_available("wikitext2", _wikitext_split(cfg))
+
+
+def token_stream(tokenizer, rows: list[str], protocol: str) -> torch.Tensor:
+    """The evaluation token stream.
+
+    gptq: "\\n\\n".join(rows) tokenized once (GPTQ, SmoothQuant, RPTQ).
+    paper: each row tokenized on its own (special tokens as the tokenizer adds
+    them), then concatenated: Hugging Face run_clm, which INT-FP-QSim used.
+    """
+    if protocol == "gptq":
+        return data.tokenize(tokenizer, data.join_text(rows))
+    pieces = [torch.as_tensor(tokenizer(r)["input_ids"], dtype=torch.long).reshape(-1) for r in rows]
+    return torch.cat([p for p in pieces if p.numel()])
+
+
+@torch.no_grad()
+def perplexity(model, ids: torch.Tensor, seq_len: int, max_windows: int | None, batch_size: int, progress=None) -> dict:
+    """exp(mean next-token NLL) over non-overlapping windows of seq_len; the tail is dropped."""
+    available = ids.numel() // seq_len
+    if available == 0:
+        raise ValueError(f"the evaluation text has {ids.numel()} tokens, fewer than seq_len={seq_len}")
+    windows = available if max_windows is None else min(available, max_windows)
+    stream = ids[: windows * seq_len].view(windows, seq_len)
+    device = next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    if progress:
+        progress.start(windows)
+    for start in range(0, windows, batch_size):
+        batch = stream[start : start + batch_size].to(device)
+        logits = model(input_ids=batch, use_cache=False).logits
+        nll = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1), reduction="sum"
+        )
+        total_nll += float(nll)
+        total_tokens += batch[:, 1:].numel()
+        if progress:
+            progress.advance(len(batch), f"ppl {math.exp(total_nll / total_tokens):.2f}")
+    return {
+        "value": math.exp(total_nll / total_tokens),
+        "mean_nll": total_nll / total_tokens,
+        "windows": windows,
+        "windows_available": available,
+        "tokens_evaluated": windows * seq_len,
+        "tokens_predicted": total_tokens,
+    }
+
+
+def _evaluate_wikitext2(lm, cfg, progress=None) -> dict:
+    split = _wikitext_split(cfg)
+    rows = data.load_rows("wikitext2", split)
+    ids = token_stream(lm.tokenizer, rows, cfg.task.protocol)
+    out = perplexity(lm.model, ids, cfg.task.seq_len, cfg.task.max_windows, cfg.task.batch_size, progress)
+    out["split"] = split
+    return out
+
+
+TASKS["wikitext2"] = Task("wikitext2", "ppl", _check_wikitext2, _evaluate_wikitext2)
