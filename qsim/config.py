@@ -77,6 +77,47 @@ class AbfpConfig:
 
 
 @dataclass
+class MseConfig:
+    calibrator: str = "mse"  # mse | max | percentile | entropy (activations; weights use per-channel max)
+    percentile: float = 99.99
+    candidates: int = 100  # amax candidates searched by mse / entropy
+
+
+@dataclass
+class SmoothQuantConfig:
+    alpha: float = 0.5
+
+
+@dataclass
+class GPTQConfig:
+    block_size: int = 128
+    damp: float = 0.01  # fraction of the mean Hessian diagonal added to it
+    act_order: bool = False
+    group_size: Optional[int] = None  # None: one scale per output row
+    symmetric: bool = False  # the reference GPTQ uses asymmetric INT4
+    granularity: Optional[str] = None  # None: channel (or group_size); "block" follows abfp.n
+
+
+@dataclass
+class RPTQConfig:
+    clusters: int = 8
+    norm_out_8bit: bool = False  # the reference keeps LayerNorm outputs at 8 bits even in W4A4
+    kmeans_iters: int = 25
+
+
+@dataclass
+class QATConfig:
+    steps: int = 200
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    seq_len: int = 256
+    batch_size: int = 1
+    grad_checkpointing: bool = True
+    dataset: str = "sst2"  # training text disjoint from the WikiText-2 evaluation text
+    split: str = "train"
+
+
+@dataclass
 class TaskConfig:
     name: str = MISSING
     protocol: str = "gptq"  # gptq | paper
@@ -104,6 +145,11 @@ class RunConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     calib: CalibConfig = field(default_factory=CalibConfig)
     abfp: AbfpConfig = field(default_factory=AbfpConfig)
+    mse: MseConfig = field(default_factory=MseConfig)
+    smoothquant: SmoothQuantConfig = field(default_factory=SmoothQuantConfig)
+    gptq: GPTQConfig = field(default_factory=GPTQConfig)
+    rptq: RPTQConfig = field(default_factory=RPTQConfig)
+    qat: QATConfig = field(default_factory=QATConfig)
     seed: int = 0
     progress: bool = True
 

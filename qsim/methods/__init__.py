@@ -3,9 +3,13 @@
 A stage has two hooks:
 - `configure(plan, cfg)`: before surgery, adjust the quantizer plan
   (scaling granularity, static mode, attention) from the method's config;
-- `apply(model, calib, cfg)`: after surgery, do the work on the simulated
-  model with the calibration windows (`calib` is None for stages that need
-  none) and return a dict of facts for the result (e.g. timings).
+- `apply(model, calib, cfg, bar)`: after surgery, do the work on the
+  simulated model with the calibration windows (`calib`: a LongTensor
+  [n_samples, seq_len], None for stages that need none), report progress on
+  `bar` (`bar.start(total)`, `bar.advance(n, info)`), and return a dict of
+  facts for the result;
+- `validate(cfg)`: raise config.ConfigError for bad values (runs before any
+  model loads).
 
 `method.steps` lists stages in order: `[smoothquant, abfp]` is ABFP-SQ.
 """
@@ -35,4 +39,13 @@ def register(method: Method) -> Method:
     return method
 
 
-from . import abfp, rtn  # noqa: E402,F401  (registration side effects)
+def _register_all() -> None:
+    """Import every module in this package: each registers its stage(s)."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
+_register_all()
