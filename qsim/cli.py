@@ -105,6 +105,8 @@ def _explain_compose_error(err: Exception, overrides: list[str]) -> str:
     first = lines[0] if lines else type(err).__name__
     if "not in struct" in text or "Key '" in first and "not in" in first:
         key = next((ln.split("full_key:")[1].strip() for ln in lines if "full_key:" in ln), None)
+        if key and key.startswith("quant.overrides"):
+            return "quant.overrides takes new patterns with a '+': '+quant.overrides={*.fc2:{act:int8}}'"
         return f"unknown config key {key or first!r} ({first})"
     full_key = next((ln.split("full_key:")[1].strip() for ln in lines if "full_key:" in ln), None)
     return f"{full_key}: {first}" if full_key else first

@@ -212,7 +212,7 @@ def validate(cfg) -> None:
         if q.block < 1:
             raise ConfigError(f"quant.{role}.block must be >= 1, got {q.block}")
     _choice("quant.rounding", cfg.quant.rounding, ROUNDINGS)
-    for pattern, override in cfg.quant.overrides.items():
+    for pattern, override in (cfg.quant.overrides or {}).items():
         if not hasattr(override, "keys"):
             raise ConfigError(f"quant.overrides[{pattern!r}] must map weight/act/output to a format")
         for role, value in override.items():

@@ -191,9 +191,11 @@ def skeleton_layer_names(cfg) -> list[str] | None:
         config = tiny_opt_config(cfg.post_ln)
     elif cfg.source == "gguf":
         cached = _smollm2_cache()
-        if not (cached / "config.json").exists():
-            return None
-        config = AutoConfig.from_pretrained(cached)
+        if (cached / "config.json").exists():
+            config = AutoConfig.from_pretrained(cached)
+        else:  # reads only the GGUF header, not the weights
+            gguf = smollm2_gguf_path()
+            config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     else:
         try:
             config = AutoConfig.from_pretrained(cfg.paper_hf_id if cfg.checkpoint == "paper" else cfg.hf_id)

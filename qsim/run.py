@@ -63,7 +63,7 @@ def build_plan(cfg) -> SurgeryPlan:
         attention=attn_base if q.attention else None,
         attention_base=attn_base,
         skip=tuple(q.skip),
-        overrides={k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for k, v in q.overrides.items()},
+        overrides={k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for k, v in (q.overrides or {}).items()},
     )
     for step in cfg.method.steps:
         METHODS[step].configure(plan, cfg)

@@ -1,0 +1,92 @@
+"""The `qsim` command: bad input stops before any model loads, on one line, exit 2."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+QSIM = [sys.executable, "-m", "qsim.cli"]
+
+
+def qsim(*args, env=None, timeout=300):
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([*QSIM, *args], capture_output=True, text=True, env=full_env, timeout=timeout)
+
+
+BAD_INPUT = [
+    (["model=gpt5"], "unknown model 'gpt5'; valid: ", "smollm2-135m"),
+    (["format=w9a9"], "unknown format 'w9a9'; valid: ", "w4a8"),
+    (["method=magic"], "unknown method 'magic'; valid: ", "abfp"),
+    (["task=imagenet"], "unknown task 'imagenet'; valid: ", "wikitext2"),
+    (["format.weight=int1"], "format.weight='int1'", "2..16"),
+    (["format.act=e9m9"], "e9m9", "k + m <= 15"),
+    (["method=abfp", "abfp.n=0"], "abfp.n", ">= 1"),
+    (["task.seq_len=1"], "task.seq_len must be >= 2", "got 1"),
+    (["+quant.overrides={*.nope:{act:int8}}"], "override pattern '*.nope' matches no layer", "model.layers.0"),
+    (["+quant.overrides={*.fc2:{act:int99}}"], "int99", "2..16"),
+    (["nonsense_key=3"], "nonsense_key", "unknown config key"),
+    (["abfp.n=abc"], "abfp.n", "abc"),
+]
+
+
+@pytest.mark.parametrize("args,must,also", BAD_INPUT, ids=[a[0][-1] for a in BAD_INPUT])
+def test_bad_input_is_one_line_exit_2_no_traceback(args, must, also):
+    proc = qsim("run", *args)
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("qsim: error: ")
+    assert must in lines[0] and also in lines[0]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert "load" not in proc.stdout  # stopped before the model loaded
+
+
+def test_bad_sweep_value_is_caught_before_any_job_runs(tmp_path):
+    proc = qsim("run", "-m", "format=w4a8", "abfp.n=64,0", "method=abfp")
+    assert proc.returncode == 2
+    assert "abfp.n" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_missing_offline_data_names_the_env_var(tmp_path):
+    proc = qsim("run", env={"QSIM_DATA_DIR": str(tmp_path)})
+    assert proc.returncode == 2
+    line = proc.stderr.strip()
+    assert "QSIM_DATA_DIR" in line and "wikitext-2-raw-v1/test.jsonl" in line
+    assert len(line.splitlines()) == 1
+
+
+def test_formats_lists_every_format_with_max():
+    proc = qsim("formats")
+    assert proc.returncode == 0
+    out = proc.stdout
+    for name, maxval in [("e4m3", "448"), ("e5m2", "57344"), ("e2m1", "6"), ("e3m2", "28"), ("e2m3", "7.5"),
+                         ("e1m2", "1.75"), ("int4", "7"), ("int8", "127"), ("e4m3_finite", "480")]:
+        row = next(ln for ln in out.splitlines() if f" {name} " in ln)
+        assert f" {maxval} " in row, row
+
+
+def test_unknown_command():
+    proc = qsim("frobnicate")
+    assert proc.returncode == 2 and "valid: run, formats" in proc.stderr
+
+
+def test_run_end_to_end_writes_result(tmp_path):
+    results = tmp_path / "results"
+    proc = qsim("run", "format=w4a8", "task.max_windows=2", "task.seq_len=128", env={"QSIM_RESULTS_DIR": str(results)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    [path] = list(results.rglob("result.json"))
+    result = json.loads(path.read_text())
+    assert result["metric"] == "ppl" and 10 < result["value"] < 1000
+    assert result["formats"]["weight"] == "int4" and result["formats"]["act"] == "int8"
+    assert result["tokens_evaluated"] == 256
+    assert result["quantized"]["layers"] == 210 and result["quantized"]["skipped"] == ["lm_head"]
+    assert result["quantized"]["weight"]["granularity"] == "channel"
+    assert result["quantized"]["act"]["granularity"] == "token"
+    for key in ("config_hash", "versions", "timings", "config", "model_source", "checkpoint"):
+        assert result[key]
+    assert set(result["timings"]) >= {"load", "quantize", "calibrate", "evaluate", "total"}
+    assert (path.parent / ".hydra" / "config.yaml").exists()
+    assert "ppl" in proc.stdout and "qsim result" in proc.stdout
