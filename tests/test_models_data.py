@@ -1,0 +1,72 @@
+"""Loading, data and the perplexity protocols, on the real offline model and data."""
+import math
+
+import pytest
+import torch
+
+from qsim import data
+from qsim.models import load_smollm2, load_tiny_opt, smollm2_gguf_path
+from qsim.tasks import perplexity, token_stream
+
+
+def test_smollm2_cache_loads_the_same_weights():
+    first = load_smollm2()
+    again = load_smollm2()
+    assert again.from_cache
+    assert smollm2_gguf_path().name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    for (name, a), (_, b) in zip(first.model.state_dict().items(), again.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert first.model.config.num_hidden_layers == 30 and first.model.dtype == torch.float32
+
+
+def test_smollm2_fp32_perplexity_is_that_of_a_real_lm(smollm2, wikitext_ids):
+    out = perplexity(smollm2.model, wikitext_ids, seq_len=512, max_windows=2, batch_size=2)
+    # ~29 on the first 20k tokens; two windows land near it, a broken model lands in the thousands
+    assert 15 < out["value"] < 50
+    assert out["windows"] == 2 and out["tokens_evaluated"] == 1024 and out["tokens_predicted"] == 2 * 511
+    single = perplexity(smollm2.model, wikitext_ids, seq_len=512, max_windows=2, batch_size=1)
+    assert math.isclose(single["value"], out["value"], rel_tol=1e-4)
+
+
+def test_gptq_protocol_tail_dropped(wikitext_ids):
+    assert wikitext_ids.numel() == 304986  # "\n\n".join of the 4,358 hub rows, SmolLM2 tokenizer
+    model = load_tiny_opt(False, torch.float32).model
+    out = perplexity(model, torch.arange(1100) % 500, seq_len=200, max_windows=None, batch_size=2)
+    assert out["windows_available"] == 5 and out["windows"] == 5 and out["tokens_evaluated"] == 1000
+
+
+def test_paper_protocol_tokenizes_rows_separately(smollm2):
+    rows = data.load_rows("wikitext2", "test")[:40]
+    joined = token_stream(smollm2.tokenizer, rows, "gptq")
+    per_row = token_stream(smollm2.tokenizer, rows, "paper")
+    assert joined.numel() != per_row.numel()
+    assert per_row.numel() > 0
+
+
+def test_wikitext2_offline_rows_are_the_hub_split():
+    rows = data.load_rows("wikitext2", "test")
+    assert len(rows) == 4358 and sum(1 for r in rows if r == "") == 1467
+    assert len(data.join_text(rows).encode("utf-8")) == 1296370  # the data README counts UTF-8 bytes
+
+
+def test_calibration_windows_are_deterministic_and_not_wikitext(smollm2):
+    a = data.calibration_windows(smollm2.tokenizer, "ptb", "test", 4, 64, seed=0)
+    b = data.calibration_windows(smollm2.tokenizer, "ptb", "test", 4, 64, seed=0)
+    c = data.calibration_windows(smollm2.tokenizer, "ptb", "test", 4, 64, seed=1)
+    assert a.shape == (4, 64) and torch.equal(a, b) and not torch.equal(a, c)
+    sst = data.calibration_windows(smollm2.tokenizer, "sst2", "train", 2, 32, seed=0)
+    assert sst.shape == (2, 32)
+
+
+def test_missing_offline_file_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("QSIM_DATA_DIR", str(tmp_path))
+    with pytest.raises(data.DataError, match="wikitext-2-raw-v1/test.jsonl"):
+        data.load_rows("wikitext2", "test")
+    with pytest.raises(data.DataError, match="QSIM_DATA_DIR"):
+        data.check_available("ptb", "test")
+
+
+def test_tiny_opt_post_ln_is_350m_like():
+    model = load_tiny_opt(True, torch.float32).model
+    assert model.config.do_layer_norm_before is False
+    assert model.model.decoder.project_in is not None and model.model.decoder.project_out is not None
