@@ -132,3 +132,32 @@ def test_state_dict_keys_unchanged(tiny_opt):
     keys = set(tiny_opt.state_dict())
     quantize_model(tiny_opt, SurgeryPlan(default=W4A8, skip=SKIP))
     assert set(tiny_opt.state_dict()) == keys
+
+
+@torch.no_grad()
+def test_conv2d_and_hf_conv1d_are_wrapped_with_the_right_axes():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 6, 3), nn.Flatten(1), Conv1D(8, 6 * 4 * 4))
+    x = torch.randn(2, 4, 6, 6)
+    conv_w, hf_w = model[0].weight.clone(), model[2].weight.clone()
+    report = quantize_model(model, SurgeryPlan(default=LayerQuant(weight=QuantSpec("int4", "channel"), act=QuantSpec("int8", "tensor"))))
+    assert report.layers == ["0", "2"]
+    # per-output-channel scales: conv weight [out, in, kh, kw] -> axis 0; HF Conv1D weight [in, out] -> axis 1
+    torch.testing.assert_close(model[0].quantized_weight(), fake_quantize(conv_w, QuantSpec("int4", "channel", axis=0)))
+    torch.testing.assert_close(model[2].quantized_weight(), fake_quantize(hf_w, QuantSpec("int4", "channel", axis=1)))
+    out = model(x)
+    h = torch.nn.functional.conv2d(fake_quantize(x, QuantSpec("int8", "tensor")), model[0].quantized_weight(), model[0].bias)
+    h = fake_quantize(h.flatten(1), QuantSpec("int8", "tensor"))
+    torch.testing.assert_close(out, h @ model[2].quantized_weight() + model[2].bias)
+
+
+@torch.no_grad()
+def test_block_weights_run_along_the_reduction_dimension(tiny_opt):
+    layer = tiny_opt.model.decoder.layers[0].fc2  # [64, 128]: blocks of 32 along the 128 inputs
+    w = layer.weight.clone()
+    plan = SurgeryPlan(default=LayerQuant(weight=QuantSpec("int4", "block", block=32), act=QuantSpec("fp32")))
+    quantize_model(tiny_opt, plan)
+    expected = torch.cat([fake_quantize(chunk, QuantSpec("int4", "channel", axis=0)) for chunk in w.split(32, dim=1)], dim=1)
+    torch.testing.assert_close(layer.quantized_weight(), expected)
