@@ -4,7 +4,7 @@ export QSIM_DATA_DIR ?= $(abspath ../shared/data)
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: install test formats run
+.PHONY: install test formats run bench
 
 install:
 	# torch first, pinned to the CPU wheel on disk, so nothing pulls a CUDA build
@@ -21,3 +21,7 @@ formats:
 
 run:
 	qsim run
+
+# Speed and memory (JSON in results/bench/), never timed tests; ~10-15 minutes.
+bench:
+	$(PYTHON) -m qsim.bench

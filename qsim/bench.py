@@ -1,0 +1,283 @@
+"""`make bench`: speed and memory of the simulation, written to results/bench/<date>.json.
+
+Measured, never asserted (tests do not time anything):
+1. model overhead: the same SmolLM2 WikiText-2 windows as FP32 and as each
+   simulated configuration, interleaved FP32, X, FP32, Y, ... so machine drift
+   cancels; the median of several repeats; ratio to the neighbouring FP32 runs;
+2. format kernels: fake-quantize throughput on a 4M-element fp32 tensor vs
+   x.clone() (the memory-bound limit) and qtorch's float_quantize;
+3. calibration cost: GPTQ (128 x 512 tokens), SmoothQuant and MSE wall time
+   and peak RSS, each in its own process;
+4. load time: first load (GGUF dequantization into an empty cache) vs cached;
+5. memory: peak RSS of an FP32 eval vs a W4A8 ABFP eval, each in its own process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .results import REPO_ROOT, versions, write_json_atomic
+
+MODEL_CONFIGS = {
+    "W4A8 RTN": ["format=w4a8", "method=rtn"],
+    "W4A8 ABFP n=64": ["format=w4a8", "method=abfp", "abfp.attention=false"],
+    "E2M1 ABFP n=64": ["format=e2m1", "method=abfp", "abfp.attention=false"],
+    "W4-AE4M3 ABFP n=64": ["format=w4-ae4m3", "method=abfp", "abfp.attention=false"],
+    "W4A4 ABFP n=64 +attention": ["format=w4a4", "method=abfp", "abfp.attention=true"],
+}
+KERNEL_FORMATS = ["int4", "int8", "e2m1", "e1m2", "e4m3"]
+QTORCH_BITS = {"e2m1": (2, 1), "e1m2": (1, 2), "e4m3": (4, 3)}
+
+
+def _timeit(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+# ---------------------------------------------------------------- 1. model overhead
+
+def model_overhead(windows: int, repeats: int, seq_len: int = 512) -> dict:
+    from .config import compose_config
+    from .data import join_text, load_rows, tokenize
+    from .models import load_smollm2
+    from .run import build_plan
+    from .surgery import quantize_model
+    from .tasks import perplexity
+
+    base = load_smollm2()
+    ids = tokenize(base.tokenizer, join_text(load_rows("wikitext2", "test")))
+    models = {"FP32": base.model}
+    for name, overrides in MODEL_CONFIGS.items():
+        lm = load_smollm2()
+        quantize_model(lm.model, build_plan(compose_config(overrides)))
+        models[name] = lm.model
+
+    def evaluate(model) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        out = perplexity(model, ids, seq_len, windows, 1)
+        return time.perf_counter() - t0, out["value"]
+
+    for model in models.values():  # warm-up; also fills the weight caches
+        perplexity(model, ids, seq_len, 1, 1)
+    fp32_times, runs = [], {name: [] for name in MODEL_CONFIGS}
+    ppl = {}
+    for _ in range(repeats):
+        t, ppl["FP32"] = evaluate(models["FP32"])
+        fp32_times.append(t)
+        for name in MODEL_CONFIGS:
+            t, ppl[name] = evaluate(models[name])
+            t_fp, _ = evaluate(models["FP32"])
+            fp32_times.append(t_fp)
+            runs[name].append(t / ((fp32_times[-2] + fp32_times[-1]) / 2))
+            runs[name + "_seconds"] = runs.get(name + "_seconds", []) + [t]
+    tokens = windows * seq_len
+    fp32_median = statistics.median(fp32_times)
+    table = {"FP32": {"seconds": fp32_median, "tokens_per_s": tokens / fp32_median, "ratio": 1.0, "ppl": ppl["FP32"]}}
+    for name in MODEL_CONFIGS:
+        secs = statistics.median(runs[name + "_seconds"])
+        table[name] = {"seconds": secs, "tokens_per_s": tokens / secs, "ratio": statistics.median(runs[name]),
+                       "ratios": runs[name], "ppl": ppl[name]}
+    return {"windows": windows, "seq_len": seq_len, "repeats": repeats, "threads": torch.get_num_threads(), "configs": table}
+
+
+# ---------------------------------------------------------------- 2. format kernels
+
+def format_kernels(numel: int = 1 << 22, repeats: int = 5) -> dict:
+    from .formats import get_format
+    from .quantizer import QuantSpec, fake_quantize
+
+    torch.manual_seed(0)
+    x = torch.randn(numel) * 3
+    nbytes = x.numel() * x.element_size()
+    clone_s = _timeit(lambda: x.clone(), repeats)
+    out = {"numel": numel, "clone": {"seconds": clone_s, "GB_per_s": nbytes / clone_s / 1e9}}
+    qtorch_quant = _qtorch()
+    for name in KERNEL_FORMATS:
+        fmt = get_format(name)
+        s = _timeit(lambda: fmt.quantize(x), repeats)
+        row = {"seconds": s, "GB_per_s": nbytes / s / 1e9, "x_clone": s / clone_s}
+        if name in QTORCH_BITS and qtorch_quant is not None:
+            e, m = QTORCH_BITS[name]
+            qs = _timeit(lambda: qtorch_quant(x, exp=e, man=m, rounding="nearest"), max(1, repeats // 2))
+            row.update(qtorch_seconds=qs, speedup_vs_qtorch=qs / s)
+        out[name] = row
+    for name in ("int4", "e2m1"):
+        spec = QuantSpec(format=name, granularity="block", block=64, scale_dtype="bf16")
+        xb = x.view(-1, 1024)
+        s = _timeit(lambda: fake_quantize(xb, spec), repeats)
+        out[f"abfp64-{name}"] = {"seconds": s, "GB_per_s": nbytes / s / 1e9, "x_clone": s / clone_s}
+    return out
+
+
+def _qtorch():
+    try:
+        from qtorch.quant import float_quantize
+
+        float_quantize(torch.ones(4), exp=4, man=3, rounding="nearest")
+        return float_quantize
+    except Exception as err:  # its C++ extension builds at first import
+        print(f"qtorch unavailable: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", file=sys.stderr)
+        return None
+
+
+# ---------------------------------------------------------------- 3-5. separate processes
+
+def _child(code: str, env: dict | None = None) -> dict:
+    """Run python code in a fresh process; return its JSON on the last stdout line, wall time and peak RSS."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})}, cwd=REPO_ROOT)
+    stdout, stderr = proc.communicate()
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        return {"error": stderr.strip().splitlines()[-1] if stderr.strip() else f"exit {proc.returncode}", "wall_seconds": wall}
+    result = json.loads(stdout.strip().splitlines()[-1])
+    result["wall_seconds"] = wall
+    return result
+
+
+RUN_IN_CHILD = """
+import json, resource, sys, tempfile
+from qsim.config import compose_config
+from qsim.run import run
+overrides = {overrides!r}
+res = run(compose_config(overrides + ["progress=false"]), tempfile.mkdtemp())
+print(json.dumps({{"value": res["value"], "timings": res["timings"], "methods": res["methods"],
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+"""
+
+LOAD_IN_CHILD = """
+import json, resource, time
+t0 = time.perf_counter()
+from qsim.models import load_smollm2
+t1 = time.perf_counter()
+lm = load_smollm2()
+print(json.dumps({"load_seconds": time.perf_counter() - t1, "import_seconds": t1 - t0, "from_cache": lm.from_cache}))
+"""
+
+
+def run_child(overrides: list[str]) -> dict:
+    return _child(RUN_IN_CHILD.format(overrides=overrides))
+
+
+def calibration_costs(quick: bool) -> dict:
+    from .methods import METHODS
+
+    samples = 16 if quick else 128
+    eval_only = ["task.max_windows=1"]
+    plans = {
+        "gptq": ["format=w4a16", "method=gptq", f"calib.n_samples={samples}", "calib.seq_len=512"],
+        "smoothquant": ["format=w4a8", "method=smoothquant", "calib.n_samples=32", "calib.seq_len=512"],
+        "mse": ["format=w4a8", "method=mse", "calib.n_samples=32", "calib.seq_len=512"],
+    }
+    out = {}
+    for name, overrides in plans.items():
+        if name not in METHODS:
+            out[name] = {"error": "method not implemented yet"}
+            continue
+        res = run_child(overrides + eval_only)
+        if "error" not in res:
+            res = {"calibrate_seconds": res["timings"]["calibrate"], "peak_rss_mb": res["peak_rss_mb"],
+                   "calib_samples": int(overrides[2].split("=")[1]), "wall_seconds": res["wall_seconds"]}
+        out[name] = res
+    return out
+
+
+def load_times() -> dict:
+    with tempfile.TemporaryDirectory() as cache:
+        first = _child(LOAD_IN_CHILD, env={"QSIM_CACHE_DIR": cache})
+        cached = _child(LOAD_IN_CHILD, env={"QSIM_CACHE_DIR": cache})
+    return {"first": first, "cached": cached}
+
+
+def memory(windows: int) -> dict:
+    common = [f"task.max_windows={windows}"]
+    fp32 = run_child(common)
+    abfp = run_child(common + ["format=w4a8", "method=abfp", "abfp.attention=false"])
+    ratio = abfp.get("peak_rss_mb", float("nan")) / fp32.get("peak_rss_mb", float("nan"))
+    return {"fp32_peak_rss_mb": fp32.get("peak_rss_mb"), "w4a8_abfp_peak_rss_mb": abfp.get("peak_rss_mb"), "ratio": ratio}
+
+
+# ---------------------------------------------------------------- report
+
+TARGETS = {
+    "W4A8 ABFP n=64": 1.15, "E2M1 ABFP n=64": 1.3, "W4-AE4M3 ABFP n=64": 1.3, "W4A4 ABFP n=64 +attention": 1.4,
+}
+
+
+def print_report(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if "model_overhead" in report:
+        mo = report["model_overhead"]
+        t = Table(title=f"model overhead: SmolLM2, {mo['windows']} x {mo['seq_len']} tokens, median of {mo['repeats']}")
+        for col in ("config", "seconds", "tokens/s", "ratio to FP32", "target", "ppl"):
+            t.add_column(col)
+        for name, row in mo["configs"].items():
+            target = TARGETS.get(name)
+            t.add_row(name, f"{row['seconds']:.2f}", f"{row['tokens_per_s']:.0f}", f"{row['ratio']:.3f}",
+                      "" if target is None else f"<= {target}", f"{row['ppl']:.2f}")
+        console.print(t)
+    if "format_kernels" in report:
+        fk = report["format_kernels"]
+        t = Table(title=f"format kernels: {fk['numel']} fp32 elements")
+        for col in ("kernel", "ms", "GB/s", "x clone", "qtorch ms", "speedup vs qtorch"):
+            t.add_column(col)
+        for name, row in fk.items():
+            if not isinstance(row, dict):
+                continue
+            t.add_row(name, f"{row['seconds'] * 1e3:.2f}", f"{row['GB_per_s']:.2f}", f"{row.get('x_clone', 1.0):.1f}",
+                      f"{row['qtorch_seconds'] * 1e3:.1f}" if "qtorch_seconds" in row else "",
+                      f"{row['speedup_vs_qtorch']:.1f}" if "speedup_vs_qtorch" in row else "")
+        console.print(t)
+    for key in ("calibration", "load", "memory"):
+        if key in report:
+            console.print(f"[bold]{key}[/bold]: {json.dumps(report[key], default=str)}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m qsim.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="fewer samples (GPTQ 16 x 512)")
+    parser.add_argument("--only", nargs="*", default=["model", "kernels", "calibration", "load", "memory"])
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "results" / "bench")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("QSIM_DATA_DIR", str(REPO_ROOT.parent / "shared" / "data"))
+    report = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "versions": versions(), "cpu_count": os.cpu_count()}
+    t0 = time.time()
+    if "kernels" in args.only:
+        report["format_kernels"] = format_kernels()
+    if "model" in args.only:
+        report["model_overhead"] = model_overhead(args.windows, args.repeats)
+    if "load" in args.only:
+        report["load"] = load_times()
+    if "memory" in args.only:
+        report["memory"] = memory(args.windows)
+    if "calibration" in args.only:
+        report["calibration"] = calibration_costs(args.quick)
+    report["bench_seconds"] = time.time() - t0
+    path = args.out / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}.json"
+    write_json_atomic(path, report)
+    print_report(report)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
