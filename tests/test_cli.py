@@ -90,3 +90,16 @@ def test_run_end_to_end_writes_result(tmp_path):
     assert set(result["timings"]) >= {"load", "quantize", "calibrate", "evaluate", "total"}
     assert (path.parent / ".hydra" / "config.yaml").exists()
     assert "ppl" in proc.stdout and "qsim result" in proc.stdout
+
+
+def test_hub_model_offline_fails_on_one_line_naming_the_paper_checkpoint():
+    proc = qsim("run", "model=opt-125m", "model.checkpoint=paper", "task.max_windows=1", env={"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("qsim: error:")]
+    assert len(lines) == 1 and "Aalaa/opt-125m-finetuned-wikitext2" in lines[0] and "smollm2-135m" in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_paper_checkpoint_only_for_opt():
+    proc = qsim("run", "model.checkpoint=paper")
+    assert proc.returncode == 2 and "only opt-* models" in proc.stderr
