@@ -18,7 +18,7 @@ from .methods import METHODS
 from .models import load_model, skeleton_layer_names
 from .quantizer import QuantSpec
 from .results import RESULT_FILE, config_hash, versions, write_json_atomic
-from .surgery import LayerQuant, SurgeryError, SurgeryPlan, check_patterns, quantize_model
+from .surgery import LayerQuant, SurgeryError, SurgeryPlan, check_patterns, freeze_quantized_weights, quantize_model
 from .tasks import TASKS
 
 log = logging.getLogger("qsim")
@@ -132,6 +132,7 @@ def run(cfg, out_dir: Path) -> dict:
                 facts = m.apply(lm.model, calib, cfg, Bar(progress, f"calibrate {m.name}")) or {}
                 facts["seconds"] = round(time.time() - t0, 3)
                 method_facts[m.name] = facts
+        frozen = freeze_quantized_weights(lm.model)  # eval only: no float copies kept
         with phase("evaluate"):
             out = TASKS[cfg.task.name].evaluate(lm, cfg, Bar(progress, f"evaluate {cfg.task.name}"))
         attn_calls = sum(getattr(m, "qsim_attn").calls for _, m in lm.model.named_modules() if hasattr(m, "qsim_attn"))
@@ -160,6 +161,7 @@ def run(cfg, out_dir: Path) -> dict:
             "skipped": report.skipped,
             "skip_patterns": list(plan.skip),
             "attention_sites": len(report.attention_sites),
+            "weights_frozen": frozen,
             "attention_calls": attn_calls,
             "overrides": report.overrides,
             "weight": _spec_dict(plan.default.weight),

@@ -301,6 +301,22 @@ def _apply_override(spec: LayerQuant, override: dict) -> LayerQuant:
     return replace(spec, **changes)
 
 
+@torch.no_grad()
+def freeze_quantized_weights(model: nn.Module) -> int:
+    """For evaluation: write each fake-quantized weight into its parameter and
+    switch the weight quantizer off, so no float copy stays in memory (peak RSS
+    of a simulated model then matches the float model's). Irreversible: call it
+    after every method has run. Returns the number of layers frozen."""
+    frozen = 0
+    for _, layer in quantized_layers(model):
+        if layer.weight_quantizer.active:
+            layer.weight.data = layer.quantized_weight().detach()
+            layer.weight_quantizer.enabled = False
+            layer.drop_weight_cache()
+            frozen += 1
+    return frozen
+
+
 def restore_model(model: nn.Module) -> None:
     """Undo quantize_model: original classes back, quantizers and attention hooks removed."""
     for _, module in model.named_modules():

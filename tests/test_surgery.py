@@ -161,3 +161,17 @@ def test_block_weights_run_along_the_reduction_dimension(tiny_opt):
     quantize_model(tiny_opt, plan)
     expected = torch.cat([fake_quantize(chunk, QuantSpec("int4", "channel", axis=0)) for chunk in w.split(32, dim=1)], dim=1)
     torch.testing.assert_close(layer.quantized_weight(), expected)
+
+
+@torch.no_grad()
+def test_freezing_weights_keeps_outputs_and_drops_float_copies(tiny_opt):
+    from qsim.surgery import freeze_quantized_weights
+
+    quantize_model(tiny_opt, SurgeryPlan(default=W4A8, skip=SKIP))
+    x = torch.randint(3, 500, (1, 16))
+    before = tiny_opt(x).logits
+    assert freeze_quantized_weights(tiny_opt) == 12
+    layer = tiny_opt.model.decoder.layers[0].fc1
+    assert layer._wq is None and not layer.weight_quantizer.active
+    torch.testing.assert_close(tiny_opt(x).logits, before, rtol=0, atol=0)
+    assert layer.quantized_weight() is layer.weight
