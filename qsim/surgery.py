@@ -307,9 +307,13 @@ def freeze_quantized_weights(model: nn.Module) -> int:
     switch the weight quantizer off, so no float copy stays in memory (peak RSS
     of a simulated model then matches the float model's). Irreversible: call it
     after every method has run. Returns the number of layers frozen."""
+    uses: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
     frozen = 0
     for _, layer in quantized_layers(model):
-        if layer.weight_quantizer.active:
+        # a tied weight (lm_head = embeddings) keeps its float values for the other user
+        if layer.weight_quantizer.active and uses.get(id(layer.weight), 1) == 1:
             layer.weight.data = layer.quantized_weight().detach()
             layer.weight_quantizer.enabled = False
             layer.drop_weight_cache()

@@ -175,3 +175,15 @@ def test_freezing_weights_keeps_outputs_and_drops_float_copies(tiny_opt):
     assert layer._wq is None and not layer.weight_quantizer.active
     torch.testing.assert_close(tiny_opt(x).logits, before, rtol=0, atol=0)
     assert layer.quantized_weight() is layer.weight
+
+
+@torch.no_grad()
+def test_tied_lm_head_is_not_frozen(smollm2):
+    from qsim.surgery import freeze_quantized_weights
+
+    model = smollm2.model
+    embed = model.model.embed_tokens.weight.clone()
+    quantize_model(model, SurgeryPlan(default=W4A8, skip=("*embed*",)))
+    assert freeze_quantized_weights(model) == 210  # every decoder linear, not the tied lm_head
+    assert torch.equal(model.model.embed_tokens.weight, embed)
+    assert model.lm_head.weight_quantizer.active
