@@ -1,0 +1,357 @@
+"""Sweeps that survive being killed: resume, fail-soft, a summary at the end.
+
+Hydra's multirun has none of these, so every multirun job goes through
+`run_sweep_job`:
+
+- **Resume**: a job whose config hash already has a complete result.json
+  anywhere under the results root is skipped with one line. Writes are atomic
+  (results.write_json_atomic), so "exists" means "complete".
+- **No job runs twice at once**: the job holds an flock on
+  `<root>/.locks/<hash>.lock` while it checks and runs; a duplicate job waits,
+  then finds the result and skips. The kernel drops the lock when a process
+  dies, even by SIGKILL.
+- **Fail-soft**: an exception is written to the job's traceback.txt and its
+  status.json; the job returns normally so the sweep goes on.
+- **Summary**: `SweepSummary` (a Hydra callback) counts done, skipped and
+  failed jobs from the status files when the sweep ends, writes summary.json
+  and exits 1 if any job failed.
+- **Fresh process per job under joblib**: joblib reuses worker processes, so
+  state one job leaves behind (torch settings, registries, patched modules of
+  methods) could leak into the next; each job runs in a child process instead.
+
+Every job writes only inside its own folder, plus its own lock file; nothing
+appends to a shared file.
+
+`QSIM_RESUME=0` re-runs jobs that already have a result.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import itertools
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from .results import RESULT_FILE, config_hash, write_json_atomic
+
+log = logging.getLogger("qsim")
+
+STATUS_FILE = "status.json"
+TRACEBACK_FILE = "traceback.txt"
+SUMMARY_FILE = "summary.json"
+LOCK_DIR = ".locks"
+EXPECTED_HASH_ENV = "QSIM_EXPECTED_CONFIG_HASH"
+
+
+def results_root() -> Path:
+    """The results root, as conf/config.yaml computes it for hydra.run/sweep.dir."""
+    return Path(os.environ.get("QSIM_RESULTS_DIR", "results"))
+
+
+def resume_enabled() -> bool:
+    return os.environ.get("QSIM_RESUME", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def job_config_hash(cfg) -> str:
+    """The hash run.py stores in result.json: the job config without the hydra node."""
+    from omegaconf import OmegaConf
+
+    return config_hash(OmegaConf.to_container(cfg, resolve=True))
+
+
+def find_result(root: Path, chash: str) -> Path | None:
+    """A complete result.json under root with this config hash, the newest if several."""
+    needle = f'"config_hash": "{chash}"'
+    found = []
+    for path in Path(root).rglob(RESULT_FILE):
+        try:
+            text = path.read_text()
+            if needle not in text:  # cheap filter before parsing
+                continue
+            item = json.loads(text)
+        except (OSError, json.JSONDecodeError):
+            continue
+        if item.get("config_hash") == chash and "value" in item:
+            found.append((item.get("finished_at", ""), path))
+    return max(found)[1] if found else None
+
+
+@contextlib.contextmanager
+def hash_lock(root: Path, chash: str):
+    """Exclusive per-config lock; released on close or when the process dies."""
+    lock_dir = Path(root) / LOCK_DIR
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / f"{chash}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class JobFailed(RuntimeError):
+    """A job that ran in a child process and failed; the child wrote the traceback."""
+
+    def __init__(self, message: str, traceback_path: Path | None):
+        super().__init__(message)
+        self.traceback_path = traceback_path
+
+
+@dataclass
+class JobInfo:
+    num: int
+    overrides: list[str]
+    out_dir: Path
+    launcher: str
+
+    @classmethod
+    def current(cls) -> "JobInfo":
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+        return cls(num=int(hc.job.num), overrides=list(hc.overrides.task), out_dir=Path(hc.runtime.output_dir),
+                   launcher=str(hc.launcher.get("_target_", "")))
+
+    @property
+    def label(self) -> str:
+        return f"job #{self.num} [{' '.join(self.overrides)}]"
+
+
+def is_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def needs_fresh_process(launcher_target: str) -> bool:
+    """joblib reuses its workers; basic runs jobs one after another in the launching
+    process (the same as a single run), submitit starts a process per job."""
+    return "joblib" in launcher_target
+
+
+def _write_status(job: JobInfo, status: str, chash: str, started: float, **extra) -> dict:
+    record = {
+        "status": status,
+        "job_num": job.num,
+        "overrides": job.overrides,
+        "config_hash": chash,
+        "pid": os.getpid(),
+        "seconds": round(time.time() - started, 3),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **extra,
+    }
+    write_json_atomic(job.out_dir / STATUS_FILE, record)
+    return record
+
+
+def _write_traceback(out_dir: Path, err: BaseException) -> Path:
+    path = out_dir / TRACEBACK_FILE
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(traceback.format_exception(err)))
+    return path
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+def run_sweep_job(cfg, job: JobInfo | None = None) -> float | None:
+    """One multirun job: skip if done, else run it and record done or failed. Never raises
+    for a failing job (KeyboardInterrupt and SystemExit still stop the sweep)."""
+    job = job or JobInfo.current()
+    chash = job_config_hash(cfg)
+    root = results_root()
+    started = time.time()
+    with hash_lock(root, chash):
+        existing = find_result(root, chash) if resume_enabled() else None
+        if existing is not None:
+            value = json.loads(existing.read_text())["value"]
+            _write_status(job, "skipped", chash, started, result=str(existing), value=value)
+            log.info("skip %s: config %s already has %s", job.label, chash, existing)
+            return value
+        try:
+            if needs_fresh_process(job.launcher):
+                value = _run_in_child(cfg, job, chash)
+            else:
+                from .run import run
+
+                value = run(cfg, job.out_dir)["value"]
+        except Exception as err:  # noqa: BLE001 - fail-soft: any job error is recorded, the sweep goes on
+            if isinstance(err, JobFailed):
+                message, tb_path = str(err), err.traceback_path
+            else:
+                message, tb_path = _one_line(err), _write_traceback(job.out_dir, err)
+            _write_status(job, "failed", chash, started, error=message,
+                          traceback=str(tb_path) if tb_path else None)
+            log.error("FAILED %s: %s (traceback: %s)", job.label, message, tb_path)
+            return None
+    _write_status(job, "done", chash, started, result=str(job.out_dir / RESULT_FILE), value=value)
+    return value
+
+
+# ------------------------------------------------------------ fresh process per job
+
+def _run_in_child(cfg, job: JobInfo, chash: str) -> float:
+    """Run the job in `python -m qsim.sweep <out_dir>`; the config goes over stdin."""
+    from omegaconf import OmegaConf
+
+    env = {**os.environ, EXPECTED_HASH_ENV: chash}
+    text = OmegaConf.to_yaml(cfg, resolve=True)
+    proc = subprocess.run([sys.executable, "-m", "qsim.sweep", str(job.out_dir)], input=text, text=True, env=env)
+    if proc.returncode == 0:
+        return json.loads((job.out_dir / RESULT_FILE).read_text())["value"]
+    tb_path = job.out_dir / TRACEBACK_FILE
+    if tb_path.exists():
+        lines = [ln for ln in tb_path.read_text().splitlines() if ln.strip()]
+        raise JobFailed(lines[-1] if lines else "failed", tb_path)
+    if proc.returncode < 0:
+        raise JobFailed(f"job process killed by {signal.Signals(-proc.returncode).name}", None)
+    raise JobFailed(f"job process exited with code {proc.returncode}", None)
+
+
+def _child_main(out_dir: str) -> int:
+    """Entry point of the child: rebuild the typed config, check the hash, run."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    from .config import RunConfig
+    from .run import run
+
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    out = Path(out_dir)
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(yaml.safe_load(sys.stdin.read())))
+        expected = os.environ.get(EXPECTED_HASH_ENV)
+        if expected and job_config_hash(cfg) != expected:
+            raise RuntimeError(f"config hash changed in the child process ({job_config_hash(cfg)} != {expected})")
+        run(cfg, out)
+    except Exception as err:  # noqa: BLE001 - reported to the parent through traceback.txt
+        _write_traceback(out, err)
+        print(f"qsim: error: {_one_line(err)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ------------------------------------------------------------ summary
+
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    """Every job folder Hydra created in a sweep (it writes .hydra/ before the job runs)."""
+    return sorted(p.parent for p in Path(sweep_dir).rglob(".hydra") if p.is_dir() and p.parent != Path(sweep_dir))
+
+
+def summarize(sweep_dir: Path) -> dict:
+    """Counts of done, skipped and failed jobs; a job folder with no status died mid-run."""
+    jobs = []
+    for d in job_dirs(sweep_dir):
+        try:
+            record = json.loads((d / STATUS_FILE).read_text())
+        except (OSError, json.JSONDecodeError):
+            record = {"status": "failed", "error": "no status.json: the job process died before finishing"}
+        record["dir"] = str(d)
+        jobs.append(record)
+    counts = {k: sum(j["status"] == k for j in jobs) for k in ("done", "skipped", "failed")}
+    return {"sweep_dir": str(sweep_dir), "jobs": len(jobs), **counts,
+            "failed_jobs": [j for j in jobs if j["status"] == "failed"],
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def summary_lines(summary: dict) -> list[str]:
+    lines = [f"qsim sweep: {summary['jobs']} jobs: {summary['done']} done, {summary['skipped']} skipped, "
+             f"{summary['failed']} failed ({Path(summary['sweep_dir']) / SUMMARY_FILE})"]
+    for j in summary["failed_jobs"]:
+        where = j.get("traceback") or j["dir"]
+        lines.append(f"  failed: {' '.join(j.get('overrides', [])) or j['dir']}: {j.get('error')} ({where})")
+    return lines
+
+
+try:
+    from hydra.experimental.callback import Callback as _HydraCallback
+except ImportError:  # pragma: no cover - hydra < 1.1
+    _HydraCallback = object
+
+
+class SweepSummary(_HydraCallback):
+    """Hydra callback (hydra.callbacks.sweep_summary._target_=qsim.sweep.SweepSummary)."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        summary = summarize(sweep_dir)
+        write_json_atomic(sweep_dir / SUMMARY_FILE, summary)
+        print("\n".join(summary_lines(summary)), flush=True)
+        if summary["failed"]:
+            sys.exit(1)
+
+
+# ------------------------------------------------------------ experiments
+
+@contextlib.contextmanager
+def _config_dir():
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from .config import CONF_DIR, register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="qsim"):
+            yield
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def sweep_params(overrides: list[str]) -> dict[str, str]:
+    """hydra.sweeper.params of the config these overrides compose (e.g. an experiment's grid)."""
+    from hydra import compose
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    plain = [o.input_line for o in OverridesParser.create().parse_overrides(list(overrides)) if not o.is_sweep_override()]
+    with _config_dir():
+        cfg = compose(config_name="config", overrides=plain, return_hydra_config=True)
+        params = OmegaConf.to_container(cfg.hydra.sweeper.get("params") or {}, resolve=False)
+    return {str(k): str(v) for k, v in params.items()}
+
+
+def compose_jobs(jobs: list[list[str]]) -> list:
+    """Each job's run config (hydra node dropped), or the composition error for that job."""
+    from hydra import compose
+
+    out = []
+    with _config_dir():
+        for job in jobs:
+            try:
+                out.append(compose(config_name="config", overrides=list(job)))
+            except Exception as err:  # noqa: BLE001 - returned to the caller per job
+                out.append(err)
+    return out
+
+
+def expand_jobs(overrides: list[str]) -> list[list[str]]:
+    """Each job's override list, as Hydra's basic sweeper builds them: the experiment's
+    sweeper params, then the command line (which wins on the same key), as a product."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    lines = [f"{k}={v}" for k, v in sweep_params(overrides).items()] + list(overrides)
+    by_key: dict[str, list[str]] = {}
+    for o in OverridesParser.create().parse_overrides(lines):
+        key = o.get_key_element()
+        if o.is_sweep_override():
+            by_key[key] = [f"{key}={v}" for v in o.sweep_string_iterator()]
+        else:
+            by_key[key] = [f"{key}={o.get_value_element_as_str()}"]
+    return [list(job) for job in itertools.product(*by_key.values())]
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1]))
