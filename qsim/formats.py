@@ -14,12 +14,18 @@ Conventions (documented in README "Formats"):
 - Special values: "ieee" reserves the top exponent for inf/NaN (E5M2);
   "fn" keeps only the all-ones code as NaN (OCP E4M3, max 448); "finite" has
   no inf/NaN codes at all (OCP FP4/FP6: E2M1 max 6, E3M2 max 28, E2M3 max 7.5).
-  A bare `eKmM` name is "finite" except e4m3 ("fn") and e5m2 ("ieee");
-  suffixes `_ieee`, `_fn`, `_finite` and `_b<bias>` pick others.
-  `e4m3_finite` (max 480) is what qtorch and the INT-FP-QSim tool call E4M3.
-- Saturation to +-max is on by default; NaN always propagates.
-- Rounding: "nearest" (ties to even, default), "away" (ties away from zero,
-  qtorch's and microxcaling's), "stochastic".
+  A bare `eKmM` name is "finite" except e4m3 ("fn"), e5m2 and e8m7 ("ieee",
+  so e8m7 is bf16); suffixes `_ieee`, `_fn`, `_finite` and `_b<bias>` pick
+  others. `e4m3_finite` (max 480) is what qtorch and the INT-FP-QSim tool
+  call E4M3. fp32 carries the simulation: a format whose max exceeds fp32's
+  is refused; subnormals below 2**-149 round to fp32's.
+- Saturation to +-max is on by default (inf -> +-max); without it, a value
+  that rounds past max becomes inf ("ieee") or NaN ("fn"). NaN propagates;
+  the sign of zero is kept.
+- Rounding: "nearest" (ties to the even code, i.e. the even mantissa; with
+  no mantissa bits, the even exponent code; with subnormals off, a tie
+  between 0 and min_normal, both even, goes to 0), "away" (ties away from
+  zero, qtorch's and microxcaling's), "stochastic" (P(up) = the fraction).
 """
 from __future__ import annotations
 
@@ -31,16 +37,24 @@ import torch
 
 ROUNDINGS = ("nearest", "away", "stochastic")
 SPECIALS = ("ieee", "fn", "finite")
+FP32_MAX = float(torch.finfo(torch.float32).max)
 
 
-def _round(y: torch.Tensor, mode: str) -> torch.Tensor:
-    """Round non-negative values to integers."""
+def round_integer(y: torch.Tensor, mode: str) -> torch.Tensor:
+    """Round fp32 values to integers: "nearest" (ties to even), "away" (ties away from zero), "stochastic".
+
+    "away" uses trunc(y) + trunc(2 * frac): floor(y + 0.5) is wrong at y = 0.5 - 2**-25, where the
+    sum rounds up to 1. "stochastic" compares a uniform draw with the fraction, so an integer never
+    moves and P(up) = frac; floor(y + u) rounds the sum and can move integers.
+    """
     if mode == "nearest":
-        return torch.round(y)  # ties to even
+        return torch.round(y)
     if mode == "away":
-        return torch.floor(y + 0.5)
+        whole = torch.trunc(y)
+        return whole + torch.trunc(2 * (y - whole))  # y - whole is exact
     if mode == "stochastic":
-        return torch.floor(y + torch.rand_like(y))
+        low = torch.floor(y)
+        return low + (torch.rand_like(y) < y - low).to(y.dtype)
     raise ValueError(f"unknown rounding {mode!r}; valid: {', '.join(ROUNDINGS)}")
 
 
@@ -80,9 +94,12 @@ class IntFormat:
         return int(math.floor(math.log2(self.max)))
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quantize_reference(x)
+
+    def quantize_reference(self, x: torch.Tensor) -> torch.Tensor:
         y = x.float()
-        q = torch.copysign(_round(y.abs(), self.rounding), y)
-        return q.clamp(-self.max, self.max).to(x.dtype)
+        a = y.abs().clamp(max=self.max)  # clamped first, so rounding never sees inf
+        return torch.copysign(round_integer(a, self.rounding), y).to(x.dtype)
 
     def code_points(self) -> torch.Tensor:
         return torch.arange(-self.max, self.max + 1, dtype=torch.float64)
@@ -114,6 +131,9 @@ class FloatFormat:
             raise ValueError("an IEEE-style format needs at least 2 exponent bits")
         if self.special == "fn" and self.man_bits == 0 and self.exp_bits < 2:
             raise ValueError("an 'fn' format with no mantissa needs at least 2 exponent bits")
+        if self.max > FP32_MAX:
+            raise ValueError(f"E{self.exp_bits}M{self.man_bits} with bias {self.bias} and policy {self.special!r} "
+                             f"reaches {self.max:.3g}, beyond fp32 (max {FP32_MAX:.3g}), which carries the simulation")
 
     @property
     def name(self) -> str:
@@ -164,37 +184,51 @@ class FloatFormat:
         return self.emax
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quantize_reference(x)
+
+    def quantize_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The readable definition: scale each value by the ulp of its binade and round an integer."""
         y = x.float()
-        a = y.abs()
+        # Clamp before rounding, so rounding sees no inf: saturation at max, or, without
+        # saturation, a value that certainly overflows.
+        a = y.abs().clamp(max=self.max if self.saturate else self._overflow_probe)
         _, e = torch.frexp(a)  # a = f * 2**e with f in [0.5, 1)
         # The ulp of each value's binade; below the normal range the ulp is fixed.
         # Floor at 2**-149 so that fp32 subnormal inputs never underflow the step.
         shift = ((e - 1).clamp(min=self.emin) - self.man_bits).clamp(min=-149)
         step = torch.ldexp(torch.ones_like(a), shift)
-        q = _round(a / step, self.rounding) * step
+        scaled = a / step  # exact: a power-of-two divisor
+        n = round_integer(scaled, self.rounding)
+        if self.man_bits == 0 and self.rounding == "nearest":
+            # With no mantissa the code's LSB is the exponent's: a tie between 2**s and 2**(s+1)
+            # goes to 2**s when its code s + bias is even (round() always picks 2**(s+1)).
+            to_lower = (scaled == 1.5) & ((shift + self.bias) % 2 == 0)
+            n = torch.where(to_lower, torch.ones_like(n), n)
+        q = n * step
         if not self.subnormals:
             q = self._flush_subnormals(a, q)
-        q = self._overflow(a, q)
+        if not self.saturate:
+            fill = math.inf if self.special == "ieee" else math.nan
+            q = torch.where(q > self.max, torch.full_like(q, fill), q)
         return torch.copysign(q, y).to(x.dtype)
+
+    @property
+    def _overflow_probe(self) -> float:
+        """A finite value above every value that rounds to max."""
+        return min(math.ldexp(1.0, self.emax + 1), FP32_MAX)
 
     def _flush_subnormals(self, a: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         # Without subnormals the only values below min_normal are 0 and min_normal itself.
+        # Both codes have an even mantissa; a tie goes to 0.
         half = self.min_normal / 2
         if self.rounding == "nearest":
-            up = a > half  # a tie goes to 0, whose mantissa is even
+            up = a > half
         elif self.rounding == "away":
             up = a >= half
         else:
             up = torch.rand_like(a) * self.min_normal < a
         small = torch.where(up, torch.full_like(a, self.min_normal), torch.zeros_like(a))
         return torch.where(a < self.min_normal, small, q)
-
-    def _overflow(self, a: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        if self.saturate:
-            return q.clamp(max=self.max)  # clamp keeps NaN
-        over = q > self.max
-        fill = math.inf if self.special == "ieee" else math.nan
-        return torch.where(over, torch.full_like(q, fill), q)
 
     def code_points(self) -> torch.Tensor:
         """Every finite value, from decoding every bit pattern (float64)."""
@@ -262,7 +296,8 @@ def default_bias(exp_bits: int) -> int:
 
 
 def default_special(exp_bits: int, man_bits: int) -> str:
-    return {(4, 3): "fn", (5, 2): "ieee"}.get((exp_bits, man_bits), "finite")
+    # e8m7 is bf16's layout; as "finite" its top binade (2**128) would not fit in fp32.
+    return {(4, 3): "fn", (5, 2): "ieee", (8, 7): "ieee"}.get((exp_bits, man_bits), "finite")
 
 
 NAMED = {

@@ -12,8 +12,10 @@ Scales are kept in fp32, bf16 (ABFP) or E8M0 (power of two, OCP MX floor rule:
 2**(floor(log2 amax) - emax_elem), so the largest elements may saturate).
 Modes: "dynamic" (amax from the tensor) or "static" (an `amax` buffer set by a
 calibrator). The backward is the piecewise-linear straight-through estimator
-(INT-FP-QSim Eq. 5): gradient 1 where |x| <= clip range, 0 outside; scales
-are treated as constants.
+(INT-FP-QSim Eq. 5): gradient 1 where |x| <= the clip range, 0 outside; scales
+are treated as constants. The clip range is scale * format max, and never
+below amax for fp32/bf16 scales (whose rounding must not zero the gradient of
+the largest element); E8M0's floor rule clips above it on purpose.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from functools import cached_property
 import torch
 from torch import nn
 
-from .formats import CastFormat, IntFormat, get_format
+from .formats import CastFormat, IntFormat, get_format, round_integer
 
 GRANULARITIES = ("tensor", "channel", "token", "block")
 SCALE_DTYPES = ("fp32", "bf16", "e8m0")
@@ -112,26 +114,50 @@ class Quantizer(nn.Module):
 
 def fake_quantize(x: torch.Tensor, spec: QuantSpec, amax: torch.Tensor | None = None) -> torch.Tensor:
     """Quantize-dequantize `x` per `spec`; with grad enabled, the backward is the clip-range STE."""
+    if spec.is_identity:
+        return x
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _StraightThrough.apply(x, spec, amax)
+    return _fake_quantize(x, spec, amax, want_mask=False)[0]
+
+
+def _fake_quantize(x: torch.Tensor, spec: QuantSpec, amax: torch.Tensor | None, want_mask: bool):
+    """(q, mask of the values inside the clip range, or None)."""
     fmt = spec.fmt
     if isinstance(fmt, CastFormat):
-        if not (torch.is_grad_enabled() and x.requires_grad):
-            return fmt.quantize(x)
-        return x + (fmt.quantize(x.detach()) - x).detach()
-    needs_grad = torch.is_grad_enabled() and x.requires_grad
-    xd = x.detach() if needs_grad else x
-    view, restore = _blocked_view(xd, spec)
+        return fmt.quantize(x), None  # no clip range: the STE passes every gradient
+    view, restore = _blocked_view(x, spec)
     if spec.mode == "static":
         if amax is None:
             raise RuntimeError("static quantizer has no calibrated amax; run a calibrator first")
         lo, hi = _static_range(amax, view, spec)
     else:
         lo, hi = _dynamic_range(view, spec)
-    q, inside = _quantize_view(view, lo, hi, spec, fmt, want_mask=needs_grad)
+    q, inside = _quantize_view(view, lo, hi, spec, fmt, want_mask=want_mask)
     q = restore(q).to(x.dtype)
-    if not needs_grad:
+    return q, (restore(inside) if want_mask else None)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the fake-quantized value. Backward: the gradient where |x| is inside the clip range, else 0.
+
+    A Function rather than `q + (x - x.detach()) * mask`: that sum turns an inf input into NaN.
+    """
+
+    @staticmethod
+    def forward(ctx, x, spec, amax):
+        q, inside = _fake_quantize(x.detach(), spec, amax, want_mask=True)
+        if inside is not None:
+            ctx.save_for_backward(inside)
+        ctx.passes_all = inside is None
         return q
-    mask = restore(inside.to(x.dtype))
-    return q + (x - xd) * mask  # value q, gradient 1{inside clip range}
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.passes_all:
+            return grad, None, None
+        (inside,) = ctx.saved_tensors
+        return torch.where(inside, grad, torch.zeros_like(grad)), None, None
 
 
 def _reduce_dims(view: torch.Tensor, spec: QuantSpec) -> tuple[int, ...] | None:
@@ -192,15 +218,25 @@ def _static_range(amax: torch.Tensor, view: torch.Tensor, spec: QuantSpec):
     return -a, a  # static asymmetric stores a symmetric clip range
 
 
+# The smallest positive scale each scale dtype holds: a scale that underflowed to 0 would give 0/0.
+_MIN_SCALE = {"fp32": 2.0**-149, "bf16": 2.0**-133}
+E8M0_EXPONENTS = (-127, 127)  # OCP E8M0: 2**-127 .. 2**127 (0xFF is NaN)
+
+
 def _scale_from_amax(amax: torch.Tensor, fmt, spec: QuantSpec) -> torch.Tensor:
-    amax = torch.where(amax > 0, amax, torch.ones_like(amax))  # all-zero block -> any finite scale
+    amax = torch.where(amax == 0, torch.ones_like(amax), amax)  # all-zero block -> any finite scale; NaN stays NaN
     if spec.scale_dtype == "e8m0":
         _, e = torch.frexp(amax)  # floor(log2 amax) = e - 1
-        return torch.ldexp(torch.ones_like(amax), e - 1 - fmt.max_exponent)
+        return _power_of_two(e - 1 - fmt.max_exponent)
     scale = amax / fmt.max
     if spec.scale_dtype == "bf16":
         scale = scale.to(torch.bfloat16).float()
-    return scale
+    return scale.clamp(min=_MIN_SCALE[spec.scale_dtype])
+
+
+def _power_of_two(exponent: torch.Tensor) -> torch.Tensor:
+    exponent = exponent.clamp(*E8M0_EXPONENTS)
+    return torch.ldexp(torch.ones(exponent.shape, dtype=torch.float32, device=exponent.device), exponent)
 
 
 def _quantize_view(view, lo, hi, spec: QuantSpec, fmt, want_mask: bool):
@@ -208,7 +244,14 @@ def _quantize_view(view, lo, hi, spec: QuantSpec, fmt, want_mask: bool):
     if lo is None:  # symmetric
         scale = _scale_from_amax(hi, fmt, spec)
         q = fmt.quantize(xf / scale) * scale
-        inside = (xf.abs() <= scale * fmt.max) if want_mask else None
+        inside = None
+        if want_mask:
+            clip = scale * fmt.max
+            if spec.scale_dtype != "e8m0":
+                # A rounded fp32/bf16 scale can land a hair below amax / max; amax itself stays inside.
+                # (The E8M0 floor rule clips the top elements on purpose.)
+                clip = torch.maximum(clip, hi)
+            inside = xf.abs() <= clip
         return q, inside
     # Asymmetric integer grid 0 .. 2**b - 1 with a zero point.
     levels = 2**fmt.bits - 1
@@ -216,21 +259,18 @@ def _quantize_view(view, lo, hi, spec: QuantSpec, fmt, want_mask: bool):
     hi = torch.maximum(hi, torch.zeros_like(hi))
     span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
     scale = span / levels
-    if spec.scale_dtype == "bf16":
+    if spec.scale_dtype == "e8m0":
+        # The smallest power of two that covers the span (the floor rule would clip one end).
+        mant, e = torch.frexp(scale)
+        scale = _power_of_two(torch.where(mant == 0.5, e - 1, e))
+    elif spec.scale_dtype == "bf16":
         scale = scale.to(torch.bfloat16).float()
+    scale = scale.clamp(min=_MIN_SCALE.get(spec.scale_dtype, 0.0))
     zero = torch.round(-lo / scale)
-    codes = torch.clamp(_round_int(xf / scale, fmt.rounding) + zero, 0, levels)
+    codes = torch.clamp(round_integer(xf / scale, fmt.rounding) + zero, 0, levels)
     q = (codes - zero) * scale
     inside = ((xf >= lo) & (xf <= hi)) if want_mask else None
     return q, inside
-
-
-def _round_int(y: torch.Tensor, mode: str) -> torch.Tensor:
-    if mode == "nearest":
-        return torch.round(y)
-    if mode == "away":
-        return torch.copysign(torch.floor(y.abs() + 0.5), y)
-    return torch.floor(y + torch.rand_like(y))
 
 
 def quant_error(x: torch.Tensor, spec: QuantSpec, amax: torch.Tensor | None = None) -> float:
