@@ -80,12 +80,14 @@ class AbfpConfig:
 class MseConfig:
     calibrator: str = "mse"  # mse | max | percentile | entropy (activations; weights use per-channel max)
     percentile: float = 99.99
-    candidates: int = 100  # amax candidates searched by mse / entropy
+    candidates: int = 100  # amax candidates searched by mse / entropy (a coarse, then a fine grid)
+    attention: bool = True  # also quantize (and calibrate) the attention matmul operands, as the paper's simulator does
 
 
 @dataclass
 class SmoothQuantConfig:
     alpha: float = 0.5
+    scope: str = "norm"  # norm: linears reading a norm's output or sharing one input (q/k/v), as the reference; all: every linear
 
 
 @dataclass
@@ -103,6 +105,7 @@ class RPTQConfig:
     clusters: int = 8
     norm_out_8bit: bool = False  # the reference keeps LayerNorm outputs at 8 bits even in W4A4
     kmeans_iters: int = 25
+    asymmetric: bool = True  # per-cluster zero point for INT activation formats (the reference); minifloats are symmetric
 
 
 @dataclass

@@ -1,0 +1,297 @@
+"""Static quantization with calibrated activation ranges (INT-FP-QSim II-B.1).
+
+Weights use per-channel max scaling (dynamic: weights never change, so that is
+the same as calibrating them once). Every activation quantizer (layer inputs,
+layer outputs when `format.output` quantizes them, and the attention operands
+when attention is quantized) gets one static per-tensor amax, chosen from the
+float model's activations over the calibration windows by `mse.calibrator`:
+
+- max: the largest |x| seen;
+- percentile: the `mse.percentile`-th percentile of |x|;
+- mse: the amax that minimises E[(Q(x) - x)^2];
+- entropy: the amax that minimises KL(P || Q) between the |x| histogram and
+  its quantized version (TensorRT's entropy calibrator).
+
+Q is always the quantizer's own spec (`fake_quantize`): the target format's
+grid, INT or minifloat, with its scale dtype. (The paper's tool scored MSE on
+the INT grid even for FP formats.)
+
+Statistics are a histogram of |x| per quantizer with 64 bins per octave over
+2**-40 .. 2**40 (cut from the float32 bits, so binning is one shift): memory
+is fixed, outliers are kept exactly, and bins are far finer than the
+quantization step near zero, where a linear histogram would lump the bulk of
+the values into a few bins.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import torch
+
+from ..config import ConfigError
+from ..quantizer import QuantSpec, Quantizer, fake_quantize
+from ..surgery import attention_quantizers, quantization_disabled, quantized_layers
+from . import Method, register
+
+CALIBRATORS = ("mse", "max", "percentile", "entropy")
+
+
+# ---------------------------------------------------------------- statistics
+
+class AbsHistogram:
+    """Counts of |x| in bins cut from the float32 bit pattern: an octave per
+    exponent, split into 64 equal sub-bins by the top 6 mantissa bits (relative
+    width 1/128 .. 1/64), over 2**LOW .. 2**HIGH. Bin 0 holds zeros and anything
+    below 2**LOW; the last bin also takes anything above 2**HIGH."""
+
+    MANTISSA_BITS = 6
+    LOW, HIGH = -40, 40
+    SHIFT = 23 - MANTISSA_BITS
+    FIRST_CODE = (127 + LOW) << MANTISSA_BITS
+    N_BINS = (HIGH - LOW) << MANTISSA_BITS
+
+    def __init__(self):
+        self.n_bins = self.N_BINS
+        self.counts = torch.zeros(self.n_bins + 1, dtype=torch.float64)
+        self.max = 0.0
+
+    @classmethod
+    def bin_counts(cls, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The counts `x` adds, and its max |x| (NaN/inf are dropped)."""
+        a = x.detach().float().abs().reshape(-1)
+        amax = float(a.max()) if a.numel() else 0.0
+        if not math.isfinite(amax):
+            a = a[torch.isfinite(a)]
+            amax = float(a.max()) if a.numel() else 0.0
+        code = torch.bitwise_right_shift(a.view(torch.int32), cls.SHIFT)
+        idx = (code - (cls.FIRST_CODE - 1)).clamp_(0, cls.N_BINS)
+        return torch.bincount(idx, minlength=cls.N_BINS + 1).double(), amax
+
+    def add_counts(self, counts: torch.Tensor, amax: float) -> None:
+        self.counts += counts
+        self.max = max(self.max, amax)
+
+    def add(self, x: torch.Tensor) -> None:
+        self.add_counts(*self.bin_counts(x))
+
+    @property
+    def total(self) -> float:
+        return float(self.counts.sum())
+
+    def edges(self) -> torch.Tensor:
+        """Bin i (1..n) covers [edges[i-1], edges[i])."""
+        codes = torch.arange(self.n_bins + 1, dtype=torch.int32) + self.FIRST_CODE
+        return torch.bitwise_left_shift(codes, self.SHIFT).view(torch.float32).double()
+
+    def occupied(self):
+        """(lower edge, upper edge, count) of the non-empty bins above zero."""
+        edges = self.edges()
+        counts = self.counts[1:]
+        keep = counts > 0
+        return edges[:-1][keep], edges[1:][keep].clamp(max=max(self.max, 1e-300)), counts[keep]
+
+    def points(self, per_bin: int = 4):
+        """Representative values and weights: `per_bin` geometric points in each occupied bin."""
+        lo, hi, counts = self.occupied()
+        frac = (torch.arange(per_bin, dtype=torch.float64) + 0.5) / per_bin
+        pts = lo[:, None] * (hi / lo)[:, None] ** frac[None, :]
+        weights = (counts / per_bin)[:, None].expand_as(pts)
+        return pts.flatten().float(), weights.flatten()
+
+    def percentile(self, q: float) -> float:
+        cdf = torch.cumsum(self.counts, 0)
+        target = q / 100.0 * float(cdf[-1])
+        i = int(torch.searchsorted(cdf, torch.tensor([target], dtype=torch.float64)).clamp(max=self.n_bins))
+        if i == 0:
+            return 0.0
+        return min(float(self.edges()[i]), self.max)
+
+
+# ---------------------------------------------------------------- amax search
+
+def _per_candidate_spec(spec: QuantSpec) -> QuantSpec:
+    """The spec with one static amax per row: row c is quantized with candidate c."""
+    return replace(spec, granularity="channel", axis=0, mode="static")
+
+
+def candidate_grid(amax_max: float, n: int) -> torch.Tensor:
+    """n evenly spaced candidates in (0, amax_max]."""
+    return amax_max * torch.arange(1, n + 1, dtype=torch.float32) / n
+
+
+def search_amax(score, amax_max: float, n: int) -> float:
+    """Minimise score(candidates) -> scores: a coarse grid over (0, max], then a fine grid around its best."""
+    if amax_max <= 0:
+        return 0.0
+    coarse = candidate_grid(amax_max, n)
+    best = float(coarse[int(torch.argmin(score(coarse)))])
+    step = amax_max / n
+    fine = torch.linspace(max(best - step, step / n), min(best + step, amax_max), n)
+    cands = torch.cat([fine, torch.tensor([best])])
+    return float(cands[int(torch.argmin(score(cands)))])
+
+
+def mse_scores(values: torch.Tensor, weights: torch.Tensor, spec: QuantSpec, cands: torch.Tensor) -> torch.Tensor:
+    """Weighted sum of squared fake-quantization errors of `values`, one per candidate amax."""
+    x = values.float()[None, :].expand(len(cands), -1)
+    err = (fake_quantize(x, _per_candidate_spec(spec), cands.float()) - x).double().pow(2)
+    return (err * weights.double()[None, :]).sum(1)
+
+
+def mse_amax(values: torch.Tensor, weights: torch.Tensor | None, spec: QuantSpec, n: int) -> float:
+    """The amax minimising the (weighted) MSE of `values` on spec's grid."""
+    if weights is None:
+        weights = torch.ones_like(values, dtype=torch.float64)
+    amax_max = float(values.abs().max()) if values.numel() else 0.0
+    return search_amax(lambda c: mse_scores(values, weights, spec, c), amax_max, n)
+
+
+def entropy_scores(hist: AbsHistogram, spec: QuantSpec, cands: torch.Tensor) -> torch.Tensor:
+    """KL(P || Q) per candidate amax. P: the |x| histogram clipped at amax (clipped mass
+    into the last bin); Q: the mass of each quantization cell (bins whose centres
+    quantize to the same grid value) spread over its non-empty bins in proportion
+    to their width. The cells come from the target format's own grid."""
+    lo, hi, counts = hist.occupied()
+    centres = (lo * hi).sqrt()
+    widths = hi - lo
+    C, B = len(cands), len(centres)
+    inside = centres[None, :] < cands.double()[:, None]
+    n_in = counts[None, :] * inside
+    outliers = (counts[None, :] * ~inside).sum(1)
+    last = inside.sum(1) - 1
+    rows = torch.arange(C)
+    p = n_in.clone()
+    p[rows, last.clamp(min=0)] += outliers
+    q_vals = fake_quantize(centres.float()[None, :].expand(C, -1), _per_candidate_spec(spec), cands.float())
+    cell = torch.cat([torch.zeros(C, 1, dtype=torch.long), (q_vals[:, 1:] != q_vals[:, :-1]).long().cumsum(1)], 1)
+    mass = torch.zeros(C, B, dtype=torch.float64).scatter_add_(1, cell, n_in)
+    nz_width = widths[None, :] * (n_in > 0)
+    width_sum = torch.zeros(C, B, dtype=torch.float64).scatter_add_(1, cell, nz_width)
+    q = mass.gather(1, cell) * nz_width / width_sum.gather(1, cell).clamp_min(1e-300)
+    p = p / p.sum(1, keepdim=True).clamp_min(1e-300)
+    q = q / q.sum(1, keepdim=True).clamp_min(1e-300)
+    kl = torch.where(p > 0, p * (p.clamp_min(1e-300).log() - q.clamp_min(1e-12).log()), torch.zeros_like(p)).sum(1)
+    return torch.where(last >= 0, kl, torch.full_like(kl, math.inf))
+
+
+def choose_amax(hist: AbsHistogram, spec: QuantSpec, mse_cfg) -> float:
+    """One activation amax from a histogram, by the configured calibrator."""
+    kind = mse_cfg.calibrator
+    if kind == "max":
+        return hist.max
+    if kind == "percentile":
+        return hist.percentile(mse_cfg.percentile)
+    if kind == "mse":
+        values, weights = hist.points()
+        return search_amax(lambda c: mse_scores(values, weights, spec, c), hist.max, mse_cfg.candidates)
+    if kind == "entropy":
+        return search_amax(lambda c: entropy_scores(hist, spec, c), hist.max, mse_cfg.candidates)
+    raise ConfigError(f"unknown mse.calibrator {kind!r}; valid: {', '.join(CALIBRATORS)}")
+
+
+# ---------------------------------------------------------------- float passes
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def float_passes(model: torch.nn.Module, calib: torch.Tensor, bar, info: str = "") -> None:
+    """Run each calibration window through the float model (every quantizer off;
+    quantizer observers still see their input)."""
+    device = model_device(model)
+    bar.start(len(calib))
+    with quantization_disabled(model):
+        for window in calib:
+            model(window[None].to(device), use_cache=False)
+            bar.advance(1, info)
+
+
+class SharedInputCache:
+    """q/k/v (and gate/up) see the same tensor: compute its statistics once."""
+
+    def __init__(self, compute):
+        self.compute, self.last_input, self.last_value = compute, None, None
+
+    def __call__(self, x: torch.Tensor):
+        if x is not self.last_input:
+            self.last_input, self.last_value = x, self.compute(x)
+        return self.last_value
+
+
+def activation_quantizers(model: torch.nn.Module) -> list[tuple[str, Quantizer]]:
+    """Every non-weight quantizer: layer inputs and outputs, attention operands."""
+    found = []
+    for name, layer in quantized_layers(model):
+        found += [(f"{name}.input", layer.input_quantizer), (f"{name}.output", layer.output_quantizer)]
+    for name, aq in attention_quantizers(model):
+        found += [(f"{name}.{op}", getattr(aq, op)) for op in ("q", "k", "v", "p")]
+    return found
+
+
+# ---------------------------------------------------------------- the stage
+
+def _static_tensor(spec: QuantSpec) -> QuantSpec:
+    return spec if spec.is_identity else replace(spec, granularity="tensor", mode="static")
+
+
+def configure(plan, cfg):
+    d = plan.default
+    plan.default = replace(d, weight=replace(d.weight, granularity="channel", mode="dynamic"),
+                           act=_static_tensor(d.act), output=_static_tensor(d.output))
+    if cfg.mse.attention or plan.attention is not None:
+        plan.attention = _static_tensor(plan.attention or plan.attention_base)
+
+
+def apply(model, calib, cfg, bar):
+    targets = [(n, q) for n, q in activation_quantizers(model)
+               if q.spec.mode == "static" and not q.spec.is_identity]
+    hists = {n: AbsHistogram() for n, _ in targets}
+    counts = SharedInputCache(AbsHistogram.bin_counts)
+
+    def observer_for(name):
+        return lambda _q, x: hists[name].add_counts(*counts(x))
+
+    try:
+        for name, q in targets:
+            q.observer = observer_for(name)
+        float_passes(model, calib, bar, f"{len(targets)} quantizers")
+    finally:
+        for _, q in targets:
+            q.observer = None
+    amaxes, unseen = {}, []
+    for name, q in targets:
+        h = hists[name]
+        if h.total == 0:  # never reached by the calibration text: keep a usable dynamic range
+            q.configure(mode="dynamic")
+            unseen.append(name)
+            continue
+        amax = choose_amax(h, q.spec, cfg.mse)
+        q.set_amax(torch.tensor(amax if amax > 0 else 1.0))
+        amaxes[name] = amax
+    values = sorted(amaxes.values())
+    facts = {
+        "calibrator": cfg.mse.calibrator,
+        "calibrated": len(amaxes),
+        "attention_calibrated": sum(1 for n in amaxes if n.rsplit(".", 1)[-1] in ("q", "k", "v", "p")),
+        "dynamic_fallback": unseen,
+        "calib_windows": len(calib),
+        "calib_tokens": int(calib.numel()),
+    }
+    if values:
+        facts["amax"] = {"min": values[0], "median": values[len(values) // 2], "max": values[-1]}
+    return facts
+
+
+def validate(cfg):
+    m = cfg.mse
+    if m.calibrator not in CALIBRATORS:
+        raise ConfigError(f"unknown mse.calibrator {m.calibrator!r}; valid: {', '.join(CALIBRATORS)}")
+    if not 0 < m.percentile <= 100:
+        raise ConfigError(f"mse.percentile must be in (0, 100], got {m.percentile}")
+    if m.candidates < 2:
+        raise ConfigError(f"mse.candidates must be >= 2, got {m.candidates}")
+
+
+register(Method("mse", configure=configure, apply=apply, validate=validate, needs_calibration=True))
