@@ -98,6 +98,7 @@ class GPTQConfig:
     group_size: Optional[int] = None  # None: one scale per output row
     symmetric: bool = False  # the reference GPTQ uses asymmetric INT4
     granularity: Optional[str] = None  # None: channel (or group_size); "block" follows abfp.n
+    max_blocks: Optional[int] = None  # quantize only the first k decoder blocks (quick looks); later ones keep RTN
 
 
 @dataclass
