@@ -25,3 +25,15 @@ run:
 # Speed and memory (JSON in results/bench/), never timed tests; ~10-15 minutes.
 bench:
 	$(PYTHON) -m qsim.bench
+
+# Paper tables and figures (conf/experiment/). `make tables` only renders what
+# results exist (never runs a model); `make table2` runs Table II's sweep on the
+# hub's OPT checkpoints, `make table2-offline` the same columns on SmolLM2, then
+# both render. Sweeps resume: finished jobs are skipped. A failed job is reported,
+# the tables are still rendered, and the target fails.
+.PHONY: tables
+tables:
+	qsim tables
+
+table% figure%:
+	qsim run -m +experiment=$@ $(ARGS); status=$$?; qsim tables; exit $$status

@@ -15,6 +15,9 @@ USAGE = """usage: qsim <command> [args]
 commands:
   run [-m] [key=value ...]   quantize, calibrate and evaluate (Hydra overrides; -m sweeps)
   formats                    list the registered number formats
+  tables [--results DIR] [--out DIR]
+                             rebuild the paper's tables and figures from the results
+                             (Markdown, CSV, PNG in results/tables/); never runs a model
 """
 
 EXIT_BAD_INPUT = 2
@@ -35,7 +38,11 @@ def main(argv: list[str] | None = None) -> None:
         return cmd_run(rest)
     if command == "formats":
         return cmd_formats()
-    fail(f"unknown command {command!r}; valid: run, formats")
+    if command == "tables":
+        from .tables import cmd_tables
+
+        return cmd_tables(rest)
+    fail(f"unknown command {command!r}; valid: run, formats, tables")
 
 
 # ---------------------------------------------------------------- formats
@@ -165,7 +172,10 @@ def hydra_app() -> None:
         from .models import ModelLoadError
         from .run import run
         from .surgery import SurgeryError
+        from .sweep import is_multirun, run_sweep_job
 
+        if is_multirun():  # resume, fail-soft, status per job (qsim/sweep.py)
+            return run_sweep_job(cfg)
         out_dir = Path(HydraConfig.get().runtime.output_dir)
         try:
             return run(cfg, out_dir)["value"]

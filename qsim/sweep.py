@@ -179,9 +179,10 @@ def run_sweep_job(cfg, job: JobInfo | None = None) -> float | None:
             _write_status(job, "skipped", chash, started, result=str(existing), value=value)
             log.info("skip %s: config %s already has %s", job.label, chash, existing)
             return value
+        job_pid = os.getpid()
         try:
             if needs_fresh_process(job.launcher):
-                value = _run_in_child(cfg, job, chash)
+                value, job_pid = _run_in_child(cfg, job, chash)
             else:
                 from .run import run
 
@@ -195,21 +196,23 @@ def run_sweep_job(cfg, job: JobInfo | None = None) -> float | None:
                           traceback=str(tb_path) if tb_path else None)
             log.error("FAILED %s: %s (traceback: %s)", job.label, message, tb_path)
             return None
-    _write_status(job, "done", chash, started, result=str(job.out_dir / RESULT_FILE), value=value)
+    _write_status(job, "done", chash, started, result=str(job.out_dir / RESULT_FILE), value=value, job_pid=job_pid)
     return value
 
 
 # ------------------------------------------------------------ fresh process per job
 
-def _run_in_child(cfg, job: JobInfo, chash: str) -> float:
-    """Run the job in `python -m qsim.sweep <out_dir>`; the config goes over stdin."""
+def _run_in_child(cfg, job: JobInfo, chash: str) -> tuple[float, int]:
+    """Run the job in `python -m qsim.sweep <out_dir>` (the config goes over stdin);
+    returns its value and the child's pid."""
     from omegaconf import OmegaConf
 
     env = {**os.environ, EXPECTED_HASH_ENV: chash}
     text = OmegaConf.to_yaml(cfg, resolve=True)
-    proc = subprocess.run([sys.executable, "-m", "qsim.sweep", str(job.out_dir)], input=text, text=True, env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "qsim.sweep", str(job.out_dir)], stdin=subprocess.PIPE, text=True, env=env)
+    proc.communicate(text)
     if proc.returncode == 0:
-        return json.loads((job.out_dir / RESULT_FILE).read_text())["value"]
+        return json.loads((job.out_dir / RESULT_FILE).read_text())["value"], proc.pid
     tb_path = job.out_dir / TRACEBACK_FILE
     if tb_path.exists():
         lines = [ln for ln in tb_path.read_text().splitlines() if ln.strip()]
@@ -295,14 +298,17 @@ class SweepSummary(_HydraCallback):
 # ------------------------------------------------------------ experiments
 
 @contextlib.contextmanager
-def _config_dir():
+def conf_context():
+    """Hydra initialized on conf/; nested uses share the outer one (composing many jobs)."""
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     from .config import CONF_DIR, register_configs
 
+    if GlobalHydra.instance().is_initialized():
+        yield
+        return
     register_configs()
-    GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="qsim"):
             yield
@@ -317,7 +323,7 @@ def sweep_params(overrides: list[str]) -> dict[str, str]:
     from omegaconf import OmegaConf
 
     plain = [o.input_line for o in OverridesParser.create().parse_overrides(list(overrides)) if not o.is_sweep_override()]
-    with _config_dir():
+    with conf_context():
         cfg = compose(config_name="config", overrides=plain, return_hydra_config=True)
         params = OmegaConf.to_container(cfg.hydra.sweeper.get("params") or {}, resolve=False)
     return {str(k): str(v) for k, v in params.items()}
@@ -328,7 +334,7 @@ def compose_jobs(jobs: list[list[str]]) -> list:
     from hydra import compose
 
     out = []
-    with _config_dir():
+    with conf_context():
         for job in jobs:
             try:
                 out.append(compose(config_name="config", overrides=list(job)))

@@ -1,0 +1,143 @@
+"""`qsim tables`: paper rows and columns, ours beside the paper's, missing is not
+zero, the newest of several results wins and says so, nothing runs a model."""
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qsim.results import write_json_atomic
+from qsim.tables import PAPER_CSV, build_all
+
+QSIM = [sys.executable, "-m", "qsim.cli"]
+SHARED_PAPER_CSV = Path(__file__).resolve().parents[2] / "shared" / "paper" / "int_fp_qsim_tables.csv"
+
+
+def qsim(*args, results: Path, timeout=300):
+    env = {**os.environ, "QSIM_RESULTS_DIR": str(results)}
+    return subprocess.run([*QSIM, *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def put_result(root: Path, name: str, *, value, model="opt-125m", seq_len=1024, weight="fp32", act="fp32",
+               method="none", n=None, checkpoint="paper", protocol="paper", split="validation",
+               windows=None, available=280, finished_at="2026-01-01T10:00:00+0000"):
+    """A result.json with the fields run.py writes that tables read (as a run on the hub would write it)."""
+    write_json_atomic(root / "runs" / name / "result.json", {
+        "task": "wikitext2", "metric": "ppl", "value": value, "model": model, "checkpoint": checkpoint,
+        "formats": {"weight": weight, "act": act}, "method": method, "n": n, "seq_len": seq_len, "protocol": protocol,
+        "eval": {"value": value, "windows": windows or available, "windows_available": available, "split": split},
+        "config": {"task": {"split": split}}, "config_hash": name, "finished_at": finished_at,
+    })
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def table_line(md: str, label: str) -> list[str]:
+    line = next(ln for ln in md.splitlines() if ln.startswith(f"| {label} |"))
+    return [c.strip() for c in line.strip("|").split("|")][1:]
+
+
+def test_the_paper_numbers_are_a_verbatim_copy():
+    if not SHARED_PAPER_CSV.exists():
+        pytest.skip("../shared/paper is not on this machine")
+    assert PAPER_CSV.read_bytes() == SHARED_PAPER_CSV.read_bytes()
+
+
+def test_no_results_says_so_and_exits_0(tmp_path):
+    proc = qsim("tables", results=tmp_path / "nothing")
+    assert proc.returncode == 0
+    assert "no results yet" in proc.stdout and "qsim run -m +experiment=" in proc.stdout
+    assert not (tmp_path / "nothing" / "tables").exists()
+
+
+def test_make_tables_on_an_empty_folder(tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "QSIM_RESULTS_DIR": str(tmp_path / "empty")}
+    proc = subprocess.run(["make", "-s", "-C", str(repo), "tables"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0 and "no results yet" in proc.stdout
+
+
+def test_cells_show_ours_beside_the_paper_with_the_delta_and_missing_is_not_zero(tmp_path):
+    root = tmp_path / "results"
+    put_result(root, "fp32", value=26.0)
+    put_result(root, "abfp", value=33.0, weight="int4", act="int4", method="abfp", n=64)
+    lines = build_all(root, root / "tables")
+    assert any(ln.startswith("Table II ") and " 2/16 " in ln for ln in lines)
+    md = (root / "tables" / "table2.md").read_text()
+    assert "| Model (Seq len) | FP32 | W4A4 ABFP | E2M1 ABFP | E1M2 ABFP |" in md
+    assert table_line(md, "OPT 125M (1024)") == ["26.00 / 25.94 (+0.06)", "33.00 / 33.14 (-0.14)",
+                                                 "missing / 37.59", "missing / 33.12"]
+    assert table_line(md, "OPT 2.7B (256)") == ["missing / 13.35", "missing / 16.39", "missing / 32.77", "missing / 16.41"]
+    rows = read_csv(root / "tables" / "table2.csv")
+    assert len(rows) == 16  # the paper's 4 rows x 4 columns, nothing else
+    by = {(r["row"], r["column"]): r for r in rows}
+    assert by[("OPT 125M (1024)", "FP32")]["ours"] == "26.0" and float(by[("OPT 125M (1024)", "FP32")]["delta"]) == pytest.approx(0.06)
+    missing = by[("OPT 350M (1024)", "E1M2 ABFP")]
+    assert missing["status"] == "missing" and missing["ours"] == "" and missing["delta"] == "" and missing["paper"] == "32.41"
+    # the same two results fill Table I's and Table X's cells too: cells are matched by content
+    assert table_line((root / "tables" / "table1.md").read_text(), "OPT 125M (1024)")[0] == "26.00 / 25.94 (+0.06)"
+    x = (root / "tables" / "table10.md").read_text()
+    assert table_line(x, "Codegen 2B") == ["n/a / 23.78", "n/a / 23.17", "n/a / 23.78"]
+
+
+def test_the_newest_of_several_results_is_used_and_the_choice_is_stated(tmp_path):
+    root = tmp_path / "results"
+    put_result(root, "old", value=27.0, finished_at="2026-01-01T10:00:00+0000")
+    put_result(root, "new", value=26.5, finished_at="2026-01-02T09:00:00+0000")
+    put_result(root, "older", value=28.0, finished_at="2025-12-31T10:00:00+0000")
+    build_all(root, root / "tables")
+    md = (root / "tables" / "table2.md").read_text()
+    assert table_line(md, "OPT 125M (1024)")[0] == "26.50 [1] / 25.94 (+0.56)"
+    note = next(ln for ln in md.splitlines() if ln.startswith("[1]"))
+    assert "3 results match; the newest is used (2026-01-02T09:00:00+0000, runs/new/result.json)" in note
+    assert "27.00" in note and "28.00" in note
+    row = next(r for r in read_csv(root / "tables" / "table2.csv") if r["row"] == "OPT 125M (1024)" and r["column"] == "FP32")
+    assert row["results_matched"] == "3" and row["result"] == "runs/new/result.json"
+
+
+def test_a_partial_or_offline_evaluation_gets_its_own_row_never_the_papers(tmp_path):
+    root = tmp_path / "results"
+    put_result(root, "few-windows", value=30.0, windows=8)  # OPT-125M, but 8 of 280 windows
+    put_result(root, "smol", value=21.0, model="smollm2-135m", seq_len=256, checkpoint="base", split="test", windows=8,
+               weight="e1m2", act="e1m2", method="abfp", n=64)
+    build_all(root, root / "tables")
+    md = (root / "tables" / "table2.md").read_text()
+    assert table_line(md, "OPT 125M (1024)")[0] == "missing / 25.94"
+    assert table_line(md, "opt-125m (1024) [validation, 8 windows, paper protocol]")[0] == "30.00 / -"
+    assert table_line(md, "smollm2-135m (256) [test, 8 windows, paper protocol]") == ["missing / -"] * 3 + ["21.00 / -"]
+    # Figure 3 (E1M2 ABFP vs n) has SmolLM2's n=64 point
+    assert (root / "tables" / "figure3.png").stat().st_size > 1000
+    assert "| smollm2-135m (256) [test, 8 windows, paper protocol] | E1M2 ABFP | 21.00 | - |" in (root / "tables" / "index.md").read_text()
+
+
+def test_tables_never_load_torch(tmp_path):
+    root = tmp_path / "results"
+    put_result(root, "fp32", value=26.0)
+    code = ("import sys; from qsim.cli import main; main(['tables']); "
+            "assert 'torch' not in sys.modules, 'qsim tables imported torch'")
+    env = {**os.environ, "QSIM_RESULTS_DIR": str(root)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (root / "tables" / "table2.md").exists()
+
+
+@pytest.mark.slow
+def test_table2_offline_end_to_end_on_smollm2(tmp_path):
+    """The real Table II experiment, offline, at a toy size: 4 SmolLM2 jobs, then the table."""
+    root = tmp_path / "results"
+    run = qsim("run", "-m", "+experiment=table2-offline", "task.max_windows=1", "task.seq_len=64", "progress=false",
+               results=root, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "qsim sweep: 4 jobs: 4 done, 0 skipped, 0 failed" in run.stdout
+    proc = qsim("tables", results=root)
+    assert proc.returncode == 0 and "Table II " in proc.stdout
+    md = (root / "tables" / "table2.md").read_text()
+    ours = table_line(md, "smollm2-135m (64) [test, 1 window, paper protocol]")
+    assert len(ours) == 4 and all(c.endswith(" / -") and float(c.split(" / ")[0]) > 1 for c in ours)
+    assert table_line(md, "OPT 125M (1024)") == ["missing / 25.94", "missing / 33.14", "missing / 37.59", "missing / 33.12"]
