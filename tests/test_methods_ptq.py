@@ -35,16 +35,30 @@ class Bar:
         self.done += n
 
 
-def outlier_tensor(n=50_000, seed=0):
+def outlier_tensor(n=10_000, seed=0):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, generator=gen)
-    x[:10] *= 25  # a few outliers: clipping them is the trade-off MSE weighs
+    x[:4] *= 25  # a few outliers: clipping them is the trade-off MSE weighs
     return x
 
 
-def brute_force_amax(x, spec, steps=4000):
+def grid_mse(x, fmt_name, amax):
+    """MSE of rounding x to the nearest code point of the format, scaled so its
+    largest is amax; `amax` may be a 1-D tensor of candidates (one MSE each)."""
+    from qsim.formats import get_format
+
+    fmt = get_format(fmt_name)
+    codes = fmt.code_points().float()
+    scale = torch.as_tensor(amax, dtype=torch.float32).reshape(-1, 1) / fmt.max
+    y = (x[None, :] / scale).clamp(float(codes[0]), float(codes[-1]))
+    q = codes[torch.bucketize(y, (codes[1:] + codes[:-1]) / 2)] * scale
+    errors = (q - x[None, :]).pow(2).mean(1)
+    return errors if errors.numel() > 1 else float(errors)
+
+
+def brute_force_amax(x, fmt_name, steps=2000):
     grid = float(x.abs().max()) * torch.arange(1, steps + 1) / steps
-    errors = torch.tensor([quant_error(x, spec, a) for a in grid])
+    errors = torch.cat([grid_mse(x, fmt_name, chunk) for chunk in grid.split(100)])
     return float(grid[errors.argmin()]), float(errors.min())
 
 
@@ -54,14 +68,14 @@ def brute_force_amax(x, spec, steps=4000):
 def test_mse_amax_is_the_brute_force_optimum_on_the_format_grid(fmt):
     x = outlier_tensor()
     spec = QuantSpec(fmt, "tensor", mode="static")
-    best, best_err = brute_force_amax(x, spec)
+    best, best_err = brute_force_amax(x, fmt)
     exact = mse_amax(x, None, spec, 100)  # on the values themselves
     hist = AbsHistogram()
-    hist.add(x[:25_000])
-    hist.add(x[25_000:])  # two batches, as over calibration windows
+    hist.add(x[:5_000])
+    hist.add(x[5_000:])  # two batches, as over calibration windows
     from_hist = choose_amax(hist, spec, cfg("method=mse").mse)  # what the stage computes
     for amax in (exact, from_hist):
-        assert quant_error(x, spec, torch.tensor(amax)) <= best_err * 1.002
+        assert grid_mse(x, fmt, amax) <= best_err * 1.002
         assert amax == pytest.approx(best, rel=0.03)
 
 
@@ -321,7 +335,7 @@ def test_cli_rejects_bad_input_before_loading(tmp_path):
 # ---------------------------------------------------------------- end to end
 
 E2E = ["model=smollm2-135m", "format=w4a8", "task.max_windows=2", "task.seq_len=128",
-       "calib.n_samples=4", "calib.seq_len=128", "progress=false"]
+       "calib.n_samples=4", "calib.seq_len=64", "progress=false"]
 
 
 @pytest.mark.parametrize("method", ["mse", "abfp-sq", "rptq"])

@@ -106,7 +106,8 @@ class ClusterQuantizer(Quantizer):
         self.register_buffer("cluster_lo", lo.float().clone())
         self.register_buffer("cluster_hi", hi.float().clone())
         self.register_buffer("channel_order", torch.argsort(labels, stable=True))
-        self.amax = torch.maximum(lo.abs(), hi.abs()).float()[self.labels]
+        del self.amax  # a plain attribute in Quantizer; a buffer here, so it moves with the model
+        self.register_buffer("amax", torch.maximum(lo.abs(), hi.abs()).float()[self.labels])
 
     @property
     def clusters(self) -> int:
@@ -124,7 +125,7 @@ class ClusterQuantizer(Quantizer):
         if isinstance(self.spec.fmt, IntFormat) and not self.spec.symmetric:
             q = asymmetric_fake_quantize(x, self.cluster_lo[self.labels], self.cluster_hi[self.labels], self.spec.fmt.bits)
         else:
-            q = fake_quantize(x, self.spec, self.amax.to(x.device))
+            q = fake_quantize(x, self.spec, self.amax)
         if torch.is_grad_enabled() and x.requires_grad:
             return x + (q - x).detach()  # plain straight-through estimator
         return q

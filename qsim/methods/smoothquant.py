@@ -36,8 +36,11 @@ from . import Method, register
 from .mse import float_passes, model_device
 
 SCOPES = ("norm", "all")
-FOLD_TOLERANCE = {torch.float32: 1e-3}  # relative change of the logits that still counts as exact
-FOLD_TOLERANCE_LOW_PRECISION = 5e-2
+# Relative change of the logits that still counts as exact. The check folds
+# power-of-two scales, which commute with rounding in any float dtype, so a
+# valid fold reproduces the logits (bit for bit barring kernel differences)
+# and an invalid one moves them by O(1).
+FOLD_TOLERANCE = 1e-3
 
 
 # ---------------------------------------------------------------- who reads what
@@ -130,8 +133,6 @@ def check_folds(model: nn.Module, ids: torch.Tensor, groups: list[InputGroup], s
         return
     modules = dict(model.named_modules())
     ids = ids.to(model_device(model))
-    dtype = next(model.parameters()).dtype
-    tol = FOLD_TOLERANCE.get(dtype, FOLD_TOLERANCE_LOW_PRECISION)
     gen = torch.Generator().manual_seed(seed)
     with quantization_disabled(model):
         ref = _logits(model, ids)
@@ -145,7 +146,7 @@ def check_folds(model: nn.Module, ids: torch.Tensor, groups: list[InputGroup], s
                 fold_scale(g, modules[g.norm], scales[-1])
             try:
                 out = _logits(model, ids)
-                return bool(((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)) < tol)
+                return bool(((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)) < FOLD_TOLERANCE)
             finally:
                 for g, s in zip(batch, scales):
                     fold_scale(g, modules[g.norm], 1.0 / s)
