@@ -22,6 +22,10 @@ Conventions (documented in README "Formats"):
 - Saturation to +-max is on by default (inf -> +-max); without it, a value
   that rounds past max becomes inf ("ieee") or NaN ("fn"). NaN propagates;
   the sign of zero is kept.
+- Two implementations, bit-identical: `quantize_reference` (frexp/ldexp, the
+  readable definition) and the default fast kernel (fp32 magic-number
+  rounding in cache-sized chunks, see `FloatFormat._kernel`); stochastic
+  rounding and formats with no mantissa bits use the reference.
 - Rounding: "nearest" (ties to the even code, i.e. the even mantissa; with
   no mantissa bits, the even exponent code; with subnormals off, a tie
   between 0 and min_normal, both even, goes to 0), "away" (ties away from
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 from dataclasses import dataclass, replace
 
 import torch
@@ -56,6 +61,112 @@ def round_integer(y: torch.Tensor, mode: str) -> torch.Tensor:
         low = torch.floor(y)
         return low + (torch.rand_like(y) < y - low).to(y.dtype)
     raise ValueError(f"unknown rounding {mode!r}; valid: {', '.join(ROUNDINGS)}")
+
+
+# ---------------------------------------------------------------- fast kernels
+# A kernel is a few in-place torch ops on one chunk; chunks are small enough to stay in the
+# cache between passes, so a kernel costs little more than one pass over memory. Each fast
+# kernel is bit-identical to its format's quantize_reference (the tests run both).
+
+CHUNK = 1 << 18  # elements: 1 MiB per fp32 buffer
+_SIGN_BIT = -(2**31)  # int32 0x80000000
+_EXPONENT_BITS = 0x7F800000
+_scratch = threading.local()  # per-thread buffers, reused across calls
+
+
+def _run_chunked(kernel, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """kernel(val, out, sign_src, scratch) on every chunk of fp32 x (of x / scale, then times scale).
+
+    val holds the values to round (it never aliases out); sign_src has their signs (x's, as scales
+    are positive); scratch hands out free buffers shaped like the chunk.
+    Returns a new tensor shaped like x, in x's dtype, with no gradient.
+    """
+    src = (x.detach() if x.requires_grad else x).float().contiguous()
+    out = torch.empty_like(src)
+    if scale is not None and scale.requires_grad:
+        scale = scale.detach()
+    if src.numel() <= CHUNK:  # one chunk, most calls: no layout to work out, buffers made as needed
+        val = src if scale is None else src / scale
+        if val.shape != src.shape:  # the scale broadcasts x to a larger shape
+            return (_run_chunked(kernel, val) * scale).to(x.dtype)
+        kernel(val, out, src, _Scratch(src))
+        if scale is not None:
+            out.mul_(scale)
+        return out.to(x.dtype)
+    layout = _chunks(src, out, scale)
+    if layout is None:  # a scale that varies along a trailing dim: divide and multiply unfused
+        return (_run_chunked(kernel, src / scale) * scale).to(x.dtype)
+    chunks, size = layout
+    pool = _scratch_pool(size)
+    for xs, qs, ss in chunks:
+        scratch = _Scratch(xs, pool)
+        val = xs if ss is None else torch.div(xs, ss, out=scratch.buffer(2, torch.float32))
+        kernel(val, qs, xs, scratch)
+        if ss is not None:
+            qs.mul_(ss)
+    return out.to(x.dtype)
+
+
+class _Scratch:
+    """Free buffers shaped like a chunk: views of a reused pool, or new tensors."""
+
+    __slots__ = ("like", "pool")
+
+    def __init__(self, like: torch.Tensor, pool: tuple[torch.Tensor, ...] | None = None):
+        self.like, self.pool = like, pool
+
+    def buffer(self, index: int, dtype: torch.dtype) -> torch.Tensor:
+        if self.pool is None:
+            return torch.empty_like(self.like, dtype=dtype)
+        return self.pool[index][: self.like.numel()].view(self.like.shape).view(dtype)
+
+    @property
+    def int32(self) -> torch.Tensor:
+        return self.buffer(0, torch.int32)
+
+    @property
+    def float32(self) -> torch.Tensor:
+        return self.buffer(1, torch.float32)
+
+
+def _scratch_pool(size: int) -> tuple[torch.Tensor, ...]:
+    """Three fp32 buffers of at least `size` elements for this thread, kept across calls."""
+    pool = getattr(_scratch, "pool", None)
+    if pool is None or pool[0].numel() < size:
+        pool = tuple(torch.empty(size) for _ in range(3))
+        _scratch.pool = pool
+    return pool
+
+
+def _chunks(src: torch.Tensor, out: torch.Tensor, scale: torch.Tensor | None):
+    """((src, out, scale) views per chunk, the largest chunk's size) for no scale, one scale,
+    or one scale per row of leading dims; None for any other scale shape."""
+    numel = src.numel()
+    if scale is None or scale.numel() == 1:
+        flat_src, flat_out = src.view(-1), out.view(-1)
+        one = None if scale is None else scale.float().reshape(())
+        return ((flat_src[i:i + CHUNK], flat_out[i:i + CHUNK], one) for i in range(0, numel, CHUNK)), min(CHUNK, numel)
+    if scale.dim() != src.dim():
+        return None
+    lead = scale.dim()
+    while lead > 0 and scale.shape[lead - 1] == 1:
+        lead -= 1
+    if tuple(scale.shape[:lead]) != tuple(src.shape[:lead]):
+        return None
+    n_rows = math.prod(src.shape[:lead])
+    row_len = numel // n_rows
+    if row_len > CHUNK:  # rows too long to chunk: let the caller divide first and chunk flat
+        return None
+    src2, out2, scale2 = src.view(n_rows, row_len), out.view(n_rows, row_len), scale.float().reshape(n_rows, 1)
+    per_chunk = min(n_rows, max(1, CHUNK // row_len))
+    chunks = ((src2[i:i + per_chunk], out2[i:i + per_chunk], scale2[i:i + per_chunk]) for i in range(0, n_rows, per_chunk))
+    return chunks, per_chunk * row_len
+
+
+def _or_sign(out: torch.Tensor, sign_src: torch.Tensor, scratch_int: torch.Tensor) -> None:
+    """Give out the sign bits of sign_src: -0 for a negative value that rounded to zero."""
+    torch.bitwise_and(sign_src.view(torch.int32), _SIGN_BIT, out=scratch_int)
+    out.view(torch.int32).bitwise_or_(scratch_int)
 
 
 @dataclass(frozen=True)
@@ -94,12 +205,31 @@ class IntFormat:
         return int(math.floor(math.log2(self.max)))
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        return self.quantize_reference(x)
+        """The nearest grid value (saturating); the fast kernel unless rounding is stochastic."""
+        if self.rounding == "stochastic":
+            return self.quantize_reference(x)
+        return _run_chunked(self._kernel, x)
+
+    def quantize_scaled(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """quantize(x / scale) * scale, bit for bit, in one pass over memory; scale > 0, broadcastable."""
+        if self.rounding == "stochastic":
+            return (self.quantize_reference(x.float() / scale) * scale).to(x.dtype)
+        return _run_chunked(self._kernel, x, scale)
 
     def quantize_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The readable definition, and the only path for stochastic rounding."""
         y = x.float()
         a = y.abs().clamp(max=self.max)  # clamped first, so rounding never sees inf
         return torch.copysign(round_integer(a, self.rounding), y).to(x.dtype)
+
+    def _kernel(self, val, out, sign_src, scratch) -> None:
+        torch.clamp(val, -self.max, self.max, out=out)
+        if self.rounding == "nearest":
+            out.round_()  # ties to even; keeps the sign of zero
+            return
+        whole = torch.trunc(out, out=scratch.float32)  # ties away: trunc(y) + trunc(2 * (y - trunc(y)))
+        out.sub_(whole).mul_(2).trunc_().add_(whole)
+        _or_sign(out, sign_src, scratch.int32)  # -0 - -0 is +0
 
     def code_points(self) -> torch.Tensor:
         return torch.arange(-self.max, self.max + 1, dtype=torch.float64)
@@ -184,7 +314,55 @@ class FloatFormat:
         return self.emax
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        return self.quantize_reference(x)
+        """The nearest grid value; the fast kernel where it applies (see `has_fast_kernel`)."""
+        if not self.has_fast_kernel:
+            return self.quantize_reference(x)
+        return _run_chunked(self._kernel, x)
+
+    def quantize_scaled(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """quantize(x / scale) * scale, bit for bit, in one pass over memory; scale > 0, broadcastable."""
+        if not self.has_fast_kernel:
+            return (self.quantize_reference(x.float() / scale) * scale).to(x.dtype)
+        return _run_chunked(self._kernel, x, scale)
+
+    @property
+    def has_fast_kernel(self) -> bool:
+        """Nearest and away rounding with a mantissa, for grids whose steps and magic constants fit fp32."""
+        m = self.man_bits
+        return self.rounding != "stochastic" and 1 <= m <= 21 and self.emin >= -126 and self.emax + 24 - m <= 127
+
+    def _kernel(self, val, out, sign_src, scratch) -> None:
+        """Round to the grid by adding and subtracting 1.5 * 2**(E + 23 - m), where 2**E is the
+        value's binade held in [2**emin, 2**emax]: the fp32 addition rounds once, to the binade's
+        ulp 2**(E - m), ties to even (the magic's mantissa is even, so the parity is the code's)."""
+        m = self.man_bits
+        magic = 1.5 * 2.0 ** (23 - m)
+        binade = torch.bitwise_and(val.view(torch.int32), _EXPONENT_BITS, out=scratch.int32).view(torch.float32)
+        binade.clamp_(2.0**self.emin, 2.0**self.emax)  # subnormals share the lowest binade's ulp
+        torch.add(val, binade, alpha=magic, out=out)
+        out.sub_(binade, alpha=magic)
+        if self.rounding == "away":
+            # At a tie val - out is half an ulp (binade * 2**-(m+1)) with val's sign where the even
+            # neighbour was the one nearer zero; take the other one, 2 * val - out.
+            half_ulps = torch.sub(val, out, out=scratch.float32).mul_(2.0 ** (m + 1))
+            binade.mul_(torch.sign(val))
+            tie_toward_zero = half_ulps == binade
+            torch.where(tie_toward_zero, torch.lerp(out, val, 2.0), out, out=out)
+        if not self.subnormals:
+            self._flush_fast(val, out, scratch.float32)
+        if self.saturate:
+            out.clamp_(-self.max, self.max)
+        else:
+            out.masked_fill_(out.abs() > self.max, math.inf if self.special == "ieee" else math.nan)
+        _or_sign(out, sign_src, scratch.int32)
+
+    def _flush_fast(self, val, out, scratch_float) -> None:
+        """Below min_normal only 0 and min_normal remain (a tie goes to 0, as in the reference)."""
+        magnitude = torch.abs(val, out=scratch_float)
+        up = magnitude > self.min_normal / 2 if self.rounding == "nearest" else magnitude >= self.min_normal / 2
+        small = magnitude < self.min_normal
+        out.masked_fill_(small, 0.0)
+        out.masked_fill_(small & up, self.min_normal)
 
     def quantize_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The readable definition: scale each value by the ulp of its binade and round an integer."""

@@ -28,6 +28,7 @@ from torch import nn
 from .formats import CastFormat, IntFormat, get_format, round_integer
 
 GRANULARITIES = ("tensor", "channel", "token", "block")
+_LARGE = 1 << 16  # elements: above this, reductions avoid an |x| temporary
 SCALE_DTYPES = ("fp32", "bf16", "e8m0")
 MODES = ("dynamic", "static")
 
@@ -197,7 +198,12 @@ def _blocked_view(x: torch.Tensor, spec: QuantSpec):
 def _dynamic_range(view: torch.Tensor, spec: QuantSpec):
     dims = _reduce_dims(view, spec)
     if spec.symmetric:
-        amax = view.abs().amax() if dims is None else view.abs().amax(dim=dims, keepdim=True)
+        if view.numel() < _LARGE:
+            amax = view.abs().amax() if dims is None else view.abs().amax(dim=dims, keepdim=True)
+        elif dims is None:  # max(max x, -min x): two reads and no |x| temporary
+            amax = torch.maximum(view.amax(), -view.amin())
+        else:
+            amax = torch.maximum(view.amax(dim=dims, keepdim=True), -view.amin(dim=dims, keepdim=True))
         return None, amax.float()
     if dims is None:
         return view.amin().float(), view.amax().float()
@@ -224,14 +230,14 @@ E8M0_EXPONENTS = (-127, 127)  # OCP E8M0: 2**-127 .. 2**127 (0xFF is NaN)
 
 
 def _scale_from_amax(amax: torch.Tensor, fmt, spec: QuantSpec) -> torch.Tensor:
-    amax = torch.where(amax == 0, torch.ones_like(amax), amax)  # all-zero block -> any finite scale; NaN stays NaN
+    # An all-zero block gets the smallest scale, and 0 / scale = 0; a NaN amax stays NaN.
     if spec.scale_dtype == "e8m0":
         _, e = torch.frexp(amax)  # floor(log2 amax) = e - 1
         return _power_of_two(e - 1 - fmt.max_exponent)
     scale = amax / fmt.max
     if spec.scale_dtype == "bf16":
         scale = scale.to(torch.bfloat16).float()
-    return scale.clamp(min=_MIN_SCALE[spec.scale_dtype])
+    return scale.clamp_(min=_MIN_SCALE[spec.scale_dtype])
 
 
 def _power_of_two(exponent: torch.Tensor) -> torch.Tensor:
@@ -243,7 +249,7 @@ def _quantize_view(view, lo, hi, spec: QuantSpec, fmt, want_mask: bool):
     xf = view.float()
     if lo is None:  # symmetric
         scale = _scale_from_amax(hi, fmt, spec)
-        q = fmt.quantize(xf / scale) * scale
+        q = fmt.quantize_scaled(xf, scale)  # = fmt.quantize(xf / scale) * scale, in one pass
         inside = None
         if want_mask:
             clip = scale * fmt.max

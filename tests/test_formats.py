@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 
+import qsim.formats as formats_module
 from qsim.formats import (
     FP32_MAX,
     NAMED,
@@ -531,3 +532,60 @@ def test_cast_formats():
     assert NAMED["fp16"].quantize(x)[1].isinf()  # a cast does not saturate
     assert NAMED["fp32"].quantize(x) is x
     assert NAMED["bf16"].min_subnormal == 2.0**-133 and NAMED["fp16"].min_subnormal == 2.0**-24
+
+
+# ---------------------------------------------------------------- the fast kernels
+
+def test_fast_kernels_cover_the_common_formats():
+    # quantize and quantize_reference are the same code where there is no fast kernel; say where there is.
+    for name in ("e4m3", "e5m2", "e2m1", "e1m2", "e3m2", "e2m3", "e4m3_finite", "e5m10", "e1m6"):
+        for rounding in ("nearest", "away"):
+            assert get_format(name, rounding).has_fast_kernel, (name, rounding)
+    assert not get_format("e4m3", "stochastic").has_fast_kernel
+    assert not get_format("e3m0").has_fast_kernel  # no mantissa: the even code is the exponent's
+    assert not get_format("e8m7").has_fast_kernel  # its magic constant would overflow fp32
+    covered = [f for f in SMALL_FLOATS if f.has_fast_kernel]
+    assert len(covered) > 0.8 * len(SMALL_FLOATS)
+    assert {(f.special, f.saturate, f.subnormals) for f in covered} >= {
+        ("ieee", True, True), ("ieee", False, False), ("fn", False, True), ("finite", True, False)}
+
+
+FAST_CASES = [get_format(n, r) for n, r in [("e4m3", "nearest"), ("e2m1", "away"), ("e5m2", "nearest"), ("int4", "nearest"),
+                                            ("int8", "away"), ("e1m2", "nearest")]] + [
+    FloatFormat(5, 2, 15, "ieee", saturate=False), FloatFormat(3, 2, 3, "finite", subnormals=False, rounding="away"),
+    FloatFormat(4, 3, 7, "fn", saturate=False, rounding="away")]
+
+
+@pytest.mark.parametrize("fmt", FAST_CASES, ids=lambda f: format_id(f) + "-" + f.rounding)
+def test_fast_kernel_across_chunk_boundaries_and_layouts(fmt, monkeypatch):
+    monkeypatch.setattr(formats_module, "CHUNK", 1000)  # many chunks, and a ragged last one
+    x = dense_fp32(2500, fmt.max, seed=11)[:7350].reshape(-1, 35)  # 210 rows of 35
+    assert_same_bits(fmt.quantize(x), fmt.quantize_reference(x), x, "flat")
+    row_scale = torch.rand(x.shape[0], 1, generator=torch.Generator().manual_seed(1)) * 3 + 0.01
+    for scale in (row_scale, torch.tensor(0.37), row_scale[:1, :1], torch.rand(1, 35) + 0.5, row_scale.reshape(210, 1, 1)):
+        xs = x if scale.dim() < 3 else x.reshape(210, 5, 7)
+        want = fmt.quantize_reference(xs / scale) * scale
+        assert_same_bits(fmt.quantize_scaled(xs, scale), want, xs.reshape(-1), f"scale {tuple(scale.shape)}")
+    strided = x.T  # not contiguous
+    assert_same_bits(fmt.quantize(strided), fmt.quantize_reference(strided), strided.reshape(-1), "strided")
+    assert fmt.quantize(strided).shape == strided.shape
+
+
+def test_fast_kernel_on_a_real_sized_tensor():
+    assert formats_module.CHUNK >= 1 << 16
+    x = torch.cat([dense_fp32(100000, 448.0, seed=12), torch.randn(3 * formats_module.CHUNK // 2) * 100])
+    for name in ("e4m3", "e2m1", "int4"):
+        fmt = get_format(name)
+        assert_same_bits(fmt.quantize(x), fmt.quantize_reference(x), x, name)
+
+
+def test_fast_kernel_edge_shapes_and_dtypes():
+    for name in ("e4m3", "int8"):
+        fmt = get_format(name)
+        assert fmt.quantize(torch.empty(0)).shape == (0,)
+        assert fmt.quantize(torch.tensor(3.3)).shape == ()
+        assert fmt.quantize(torch.tensor(3.3)).item() == fmt.quantize_reference(torch.tensor([3.3])).item()
+        x = torch.randn(4, 6) * 5
+        for dtype in (torch.bfloat16, torch.float16):
+            assert torch.equal(fmt.quantize(x.to(dtype)), fmt.quantize_reference(x.to(dtype)))
+        assert not fmt.quantize(x.requires_grad_()).requires_grad  # rounding has no gradient: see the quantizer's STE
