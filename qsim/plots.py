@@ -6,10 +6,12 @@ E1M2, III for W4A4, VII for W4A8), that point is drawn hollow as the paper's.
 """
 from __future__ import annotations
 
+import csv
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
-from .tables import Column, _display_path, write_text_atomic
+from .tables import Column, display_path, write_text_atomic
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,9 @@ def render_figure(figure: Figure, paper, indexed: dict, out_dir: Path, results_r
         return "\n".join(md) + "\n", f"Figure {figure.number:<3} no results yet"
     rows = sorted(points, key=lambda r: (not r.is_paper_eval, r.model, r.seq_len or 0, r.windows or 0))
     ns = sorted({n for by_series in points.values() for per_n in by_series.values() for n in per_n})
-    csv_lines = ["figure,row,series,n,ours,paper,result"]
+    buf = io.StringIO()
+    table = csv.writer(buf, lineterminator="\n")
+    table.writerow(["figure", "row", "series", "n", "ours", "paper", "result"])
     md += [f"![Figure {figure.number}]({figure.name}.png)", "",
            "| Model (Seq len) | Series | " + " | ".join(f"n={n}" for n in ns) + " | paper n=64 |",
            "|---|---|" + "---:|" * (len(ns) + 1)]
@@ -83,11 +87,10 @@ def render_figure(figure: Figure, paper, indexed: dict, out_dir: Path, results_r
             md.append(f"| {row.label} | {s.label} | " + " | ".join(cells) + f" | {ref if ref is not None else '-'} |")
             for n in ns:
                 r = per_n.get(n)
-                csv_lines.append(",".join([str(figure.number), f'"{row.label}"', s.label, str(n),
-                                           f"{r['value']:.6g}" if r else "", str(ref) if ref is not None and n == 64 else "",
-                                           _display_path(r["_path"], results_root) if r else ""]))
+                table.writerow([figure.number, row.label, s.label, n, f"{r['value']:.6g}" if r else "",
+                                ref if ref is not None and n == 64 else "", display_path(r["_path"], results_root) if r else ""])
     _plot(figure, rows, points, paper, out_dir / f"{figure.name}.png")
-    write_text_atomic(out_dir / f"{figure.name}.csv", "\n".join(csv_lines) + "\n")
+    write_text_atomic(out_dir / f"{figure.name}.csv", buf.getvalue())
     return "\n".join(md) + "\n", f"Figure {figure.number:<3} {len(rows)} model row{'s' * (len(rows) != 1)} -> {out_dir / figure.name}.png"
 
 

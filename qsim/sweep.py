@@ -15,9 +15,10 @@ Hydra's multirun has none of these, so every multirun job goes through
 - **Summary**: `SweepSummary` (a Hydra callback) counts done, skipped and
   failed jobs from the status files when the sweep ends, writes summary.json
   and exits 1 if any job failed.
-- **Fresh process per job under joblib**: joblib reuses worker processes, so
-  state one job leaves behind (torch settings, registries, patched modules of
-  methods) could leak into the next; each job runs in a child process instead.
+- **Fresh process per job under joblib (and ray)**: they reuse worker
+  processes, so state one job leaves behind (torch settings, registries,
+  modules a method patched) could leak into the next; each job runs in a child
+  process instead, and a crash (segfault, OOM kill) fails only that job.
 
 Every job writes only inside its own folder, plus its own lock file; nothing
 appends to a shared file.
@@ -133,9 +134,9 @@ def is_multirun() -> bool:
 
 
 def needs_fresh_process(launcher_target: str) -> bool:
-    """joblib reuses its workers; basic runs jobs one after another in the launching
-    process (the same as a single run), submitit starts a process per job."""
-    return "joblib" in launcher_target
+    """joblib (and ray) reuse their workers; basic runs jobs one after another in the
+    launching process (the same as a single run); submitit starts a process per job."""
+    return any(name in launcher_target.lower() for name in ("joblib", "ray"))
 
 
 def _write_status(job: JobInfo, status: str, chash: str, started: float, **extra) -> dict:
@@ -343,20 +344,28 @@ def compose_jobs(jobs: list[list[str]]) -> list:
     return out
 
 
-def expand_jobs(overrides: list[str]) -> list[list[str]]:
-    """Each job's override list, as Hydra's basic sweeper builds them: the experiment's
-    sweeper params, then the command line (which wins on the same key), as a product."""
+def merged_overrides(overrides: list[str]) -> list[str]:
+    """The experiment's sweeper params, then the command line, one entry per key (the
+    command line wins), as Hydra's basic sweeper combines them; sweeps stay sweeps."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     lines = [f"{k}={v}" for k, v in sweep_params(overrides).items()] + list(overrides)
-    by_key: dict[str, list[str]] = {}
-    for o in OverridesParser.create().parse_overrides(lines):
+    by_key = {o.get_key_element(): o.input_line for o in OverridesParser.create().parse_overrides(lines)}
+    return list(by_key.values())
+
+
+def expand_jobs(overrides: list[str]) -> list[list[str]]:
+    """Each job's override list: the product of merged_overrides' sweeps."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    axes = []
+    for o in OverridesParser.create().parse_overrides(merged_overrides(overrides)):
         key = o.get_key_element()
         if o.is_sweep_override():
-            by_key[key] = [f"{key}={v}" for v in o.sweep_string_iterator()]
+            axes.append([f"{key}={v}" for v in o.sweep_string_iterator()])
         else:
-            by_key[key] = [f"{key}={o.get_value_element_as_str()}"]
-    return [list(job) for job in itertools.product(*by_key.values())]
+            axes.append([f"{key}={o.get_value_element_as_str()}"])
+    return [list(job) for job in itertools.product(*axes)]
 
 
 if __name__ == "__main__":

@@ -100,7 +100,7 @@ class Row:
             return text
         extent = "all windows" if not self.windows else f"{self.windows} window{'s' * (self.windows != 1)}"
         notes = [self.split, extent, f"{self.protocol} protocol"]
-        if self.checkpoint != "paper" and (MODEL_CONF_DIR / f"{self.model}.yaml").exists() and self.model.startswith("opt-"):
+        if self.checkpoint != "paper" and self.model.startswith("opt-"):
             notes.append(f"{self.checkpoint} checkpoint")
         return f"{text} [{', '.join(notes)}]"
 
@@ -252,7 +252,7 @@ def cell_text(cell: Cell, footnote: int | None) -> str:
     return f"{ours} / {cell.paper.text}{delta}"
 
 
-def _display_path(path: str, root: Path) -> str:
+def display_path(path: str, root: Path) -> str:
     try:
         return str(Path(path).resolve().relative_to(Path(root).resolve()))
     except ValueError:
@@ -284,11 +284,11 @@ def render_markdown(table: Table, results_root: Path) -> str:
         for i, cell in enumerate(notes, 1):
             newest = cell.matches[0]
             out.append(f"[{i}] {cell.row.label}, {cell.column.label}: {len(cell.matches)} results match; the newest is used "
-                       f"({newest.get('finished_at')}, {_display_path(newest.get('_path', '?'), results_root)}); "
+                       f"({newest.get('finished_at')}, {display_path(newest.get('_path', '?'), results_root)}); "
                        f"others: {', '.join(_num(m['value']) for m in cell.matches[1:])}.")
     filled, total = table.paper_cells_filled()
     out.append("")
-    out.append(f"Paper cells with a result of ours: {filled}/{total}.")
+    out.append(f"Metric: {table.metric}. Paper cells with a result of ours: {filled}/{total}.")
     return "\n".join(out) + "\n"
 
 
@@ -315,7 +315,7 @@ def render_csv(table: Table, results_root: Path) -> str:
                 "paper": cell.paper.text if cell.paper else "",
                 "delta": f"{cell.delta:.6g}" if cell.delta is not None else "",
                 "status": cell.status, "results_matched": len(cell.matches),
-                "result": _display_path(newest["_path"], results_root) if newest else "",
+                "result": display_path(newest["_path"], results_root) if newest else "",
                 "finished_at": newest.get("finished_at", ""),
             })
     return buf.getvalue()
