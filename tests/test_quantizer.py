@@ -26,9 +26,9 @@ def randn(*shape, seed=0, scale=1.0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
 
 
-def per_tensor_by_formula(x, name, scale_dtype="fp32"):
+def per_tensor_by_formula(x, name, scale_dtype="fp32", rounding="nearest"):
     """q = Q(x / s) * s with s = amax / max (fp32 or bf16) or 2**(floor(log2 amax) - emax) (E8M0)."""
-    fmt = get_format(name)
+    fmt = get_format(name, rounding)
     amax = x.abs().max().float()
     if amax == 0:
         return torch.zeros_like(x)
@@ -311,3 +311,32 @@ def test_spec_validation():
     for bad in (dict(granularity="row"), dict(scale_dtype="fp8"), dict(mode="online"), dict(block=0), dict(format="int99")):
         with pytest.raises(ValueError):
             QuantSpec(**{"format": "int8", **bad})
+
+
+# ---------------------------------------------------------------- large tensors take the chunked paths
+
+@pytest.mark.parametrize("spec", [
+    QuantSpec("int4", "block", block=64, scale_dtype="bf16"), QuantSpec("e2m1", "block", block=48, scale_dtype="e8m0"),
+    QuantSpec("e4m3", "token"), QuantSpec("int8", "channel", axis=0), QuantSpec("e4m3", "channel", axis=-1, rounding="away"),
+], ids=lambda s: f"{s.format}-{s.granularity}-{s.axis}")
+def test_large_tensors_match_the_same_rows_done_in_small_pieces(spec, monkeypatch):
+    import qsim.formats as formats_module
+
+    monkeypatch.setattr(formats_module, "CHUNK", 1 << 15)  # several chunks on a 1.5 MB tensor
+    x = randn(768, 520, seed=14, scale=2)
+    x[5, :] = 0
+    x[7, 3] = 1e-30
+    got = fake_quantize(x, spec)
+    if spec.granularity == "channel" and spec.axis == -1:  # one scale per column: do columns in pieces
+        want = torch.cat([fake_quantize(x[:, i:i + 40], spec) for i in range(0, 520, 40)], dim=1)
+        want_cols = torch.stack([per_tensor_by_formula(x[:, i], spec.format, rounding=spec.rounding) for i in range(0, 520, 97)], dim=1)
+        assert torch.equal(got[:, ::97], want_cols)
+    else:  # row-wise scales: rows in pieces of 16 (under the small-tensor threshold)
+        want = torch.cat([fake_quantize(x[i:i + 16], spec) for i in range(0, 768, 16)])
+    assert torch.equal(got, want)
+
+
+def test_large_per_tensor_matches_the_formula():
+    x = randn(400, 400, seed=15, scale=3)
+    for name in ("int4", "e4m3", "e2m1"):
+        assert torch.equal(fake_quantize(x, QuantSpec(name)), per_tensor_by_formula(x, name))
