@@ -117,6 +117,7 @@ class QATConfig:
     seq_len: int = 256
     batch_size: int = 1
     grad_checkpointing: bool = True
+    freeze_embeddings: bool = True  # embeddings and LM head fixed (tied in SmolLM2): less memory, faster steps
     dataset: str = "sst2"  # training text disjoint from the WikiText-2 evaluation text
     split: str = "train"
 
