@@ -116,19 +116,26 @@ def _per_candidate_spec(spec: QuantSpec) -> QuantSpec:
 
 
 def candidate_grid(amax_max: float, n: int) -> torch.Tensor:
-    """n evenly spaced candidates in (0, amax_max]."""
-    return amax_max * torch.arange(1, n + 1, dtype=torch.float32) / n
+    """Sorted candidates in (0, amax_max]: n evenly spaced, plus n spaced
+    geometrically down to amax_max / 2**16, for heavy tails whose best clip
+    is a tiny fraction of the largest value."""
+    k = torch.arange(n, dtype=torch.float64)
+    linear = amax_max * (k + 1) / n
+    geometric = amax_max * torch.exp2(-16 * k / n)
+    return torch.unique(torch.cat([linear, geometric])).float()
 
 
 def search_amax(score, amax_max: float, n: int) -> float:
-    """Minimise score(candidates) -> scores: a coarse grid over (0, max], then a fine grid around its best."""
+    """Minimise score(candidates) -> scores: a coarse grid, then an even grid
+    between the best coarse candidate's neighbours."""
     if amax_max <= 0:
         return 0.0
     coarse = candidate_grid(amax_max, n)
-    best = float(coarse[int(torch.argmin(score(coarse)))])
-    step = amax_max / n
-    fine = torch.linspace(max(best - step, step / n), min(best + step, amax_max), n)
-    cands = torch.cat([fine, torch.tensor([best])])
+    i = int(torch.argmin(score(coarse)))
+    best = float(coarse[i])
+    lo = float(coarse[i - 1]) if i > 0 else best / 2
+    hi = float(coarse[i + 1]) if i + 1 < len(coarse) else best
+    cands = torch.cat([torch.linspace(lo, hi, n), torch.tensor([best])])
     return float(cands[int(torch.argmin(score(cands)))])
 
 

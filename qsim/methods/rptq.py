@@ -138,11 +138,14 @@ def cluster_ranges(ch_min: torch.Tensor, ch_max: torch.Tensor, labels: torch.Ten
     return lo, hi  # an empty cluster (no channel uses it) keeps 0
 
 
-def eight_bit_format(act_format: str) -> str:
-    return "int8" if act_format.startswith("int") else "e4m3"
+def eight_bit_spec(spec: QuantSpec) -> QuantSpec:
+    """The same quantizer at 8 bits: int8 for INT formats, e4m3 for minifloats."""
+    if isinstance(spec.fmt, IntFormat):
+        return replace(spec, format="int8")
+    return replace(spec, format="e4m3", symmetric=True)
 
 
-def _bits(spec: QuantSpec) -> int:
+def bits(spec: QuantSpec) -> int:
     fmt = spec.fmt
     if isinstance(fmt, IntFormat):
         return fmt.bits
@@ -151,14 +154,10 @@ def _bits(spec: QuantSpec) -> int:
 
 # ---------------------------------------------------------------- the stage
 
-def _act_symmetric(cfg) -> bool:
-    return not (cfg.rptq.asymmetric and cfg.format.act.startswith("int"))
-
-
 def configure(plan, cfg):
+    # Symmetry is chosen per layer in apply (a per-layer override may pick a minifloat).
     d = plan.default
-    act = d.act if d.act.is_identity else replace(d.act, granularity="channel", axis=-1, mode="static",
-                                                  symmetric=_act_symmetric(cfg))
+    act = d.act if d.act.is_identity else replace(d.act, granularity="channel", axis=-1, mode="static")
     plan.default = replace(d, weight=replace(d.weight, granularity="channel", mode="dynamic"), act=act)
 
 
@@ -204,6 +203,7 @@ def apply(model, calib, cfg, bar):
     ranges = collect_channel_ranges(model, names, calib, bar)
     sizes, raised, unseen = [], [], []
     labels_of: dict[bytes, torch.Tensor] = {}
+    kinds = set()
     for n in names:
         layer = layers[n]
         if n not in ranges:  # never reached by the calibration text
@@ -218,11 +218,12 @@ def apply(model, calib, cfg, bar):
         k = max(1, min(r.clusters, len(labels)))
         lo, hi = cluster_ranges(ch_min.float().cpu(), ch_max.float().cpu(), labels.cpu(), k)
         spec = layer.input_quantizer.spec
-        if n in norm_fed and _bits(spec) < 8:
-            spec = replace(spec, format=eight_bit_format(spec.format))
-            if not isinstance(spec.fmt, IntFormat):
-                spec = replace(spec, symmetric=True)
+        if n in norm_fed and bits(spec) < 8:
+            spec = eight_bit_spec(spec)
             raised.append(n)
+        asymmetric = r.asymmetric and isinstance(spec.fmt, IntFormat)
+        spec = replace(spec, symmetric=not asymmetric)
+        kinds.add("asymmetric (zero point)" if asymmetric else "symmetric")
         device = ch_min.device
         layer.input_quantizer = ClusterQuantizer(spec, labels, lo, hi).to(device)
         sizes.append(int(labels.unique().numel()))
@@ -230,7 +231,7 @@ def apply(model, calib, cfg, bar):
         "clusters": r.clusters,
         "clusters_used": {"min": min(sizes), "max": max(sizes)} if sizes else None,
         "layers": len(sizes),
-        "ranges": "static per cluster, " + ("symmetric" if _act_symmetric(cfg) else "asymmetric (zero point)"),
+        "ranges": "static per cluster: " + " and ".join(sorted(kinds)),
         "reorder": "index (channel_order buffer); weights unchanged",
         "norm_out_8bit": bool(r.norm_out_8bit),
         "norm_out_8bit_layers": len(raised),

@@ -11,7 +11,7 @@ linears (pre-LN OPT: LayerNorm -> q/k/v, -> fc1; Llama: RMSNorm -> q/k/v,
 -> gate/up), 1/s is folded into the norm's weight and bias. Such pairs are
 found by matching tensors in one traced forward (the linear's input is the
 norm's output, or a reshaped view of it), and each fold is then checked
-numerically: random scales are folded in and the float model's output must
+numerically: random power-of-two scales are folded in and the float model's output must
 not move. A norm whose output also feeds the residual (post-LN OPT, as
 OPT-350m) fails that check; those linears, and any other smoothed linear,
 divide their input by s explicitly in a forward pre-hook that runs before the
