@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,7 +101,7 @@ def _plot(figure: Figure, rows, points, paper, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(rows), figsize=(4.2 * len(rows), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(rows), figsize=(max(6.0, 4.2 * len(rows)), 4.0), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, row in zip(axes[0], rows):
         for i, s in enumerate(figure.series):
@@ -117,10 +118,10 @@ def _plot(figure: Figure, rows, points, paper, path: Path) -> None:
         ax.set_xticks(xs, [str(n) for n in xs])
         ax.set_xlabel("ABFP vector length n")
         ax.set_ylabel("perplexity (lower is better)")
-        ax.set_title(row.label, fontsize=9, wrap=True)
+        ax.set_title(textwrap.fill(row.label, 40), fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"Figure {figure.number}: {figure.title}", fontsize=10)
+    fig.suptitle(textwrap.fill(f"Figure {figure.number}: {figure.title}", 70), fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")

@@ -87,8 +87,8 @@ def _group_alive(pgid: int) -> bool:
 
 def test_sigkill_midway_then_restart_loses_nothing_and_runs_nothing_twice(tmp_path):
     results = tmp_path / "results"
-    # 4 jobs, started together by submitit_local: two finish in a second, two take several more
-    args = ["hydra/launcher=submitit_local", "method=none", "task.seq_len=64", "task.max_windows=1,2,24,25"]
+    # 3 jobs, started together by submitit_local: one finishes in a second, two take several more
+    args = ["hydra/launcher=submitit_local", "method=none", "task.seq_len=64", "task.max_windows=1,24,25"]
     env = {**os.environ, "QSIM_RESULTS_DIR": str(results)}
     proc = subprocess.Popen([*QSIM, "run", "-m", *SMOKE, *args], env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -104,18 +104,18 @@ def test_sigkill_midway_then_restart_loses_nothing_and_runs_nothing_twice(tmp_pa
 
     before = {h: paths[0].read_bytes() for h, paths in results_by_hash(results).items()}
     completed = len(before)
-    assert 1 <= completed <= 4
+    assert 1 <= completed <= 3
 
     again = sweep(results, *args)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
-    assert f"4 jobs: {4 - completed} done, {completed} skipped, 0 failed" in summary_line(again)
+    assert f"3 jobs: {3 - completed} done, {completed} skipped, 0 failed" in summary_line(again)
     after = results_by_hash(results)
-    assert len(after) == 4, "every job has a result"
+    assert len(after) == 3, "every job has a result"
     assert all(len(paths) == 1 for paths in after.values()), "no job ran twice"
     for h, content in before.items():
         assert after[h][0].read_bytes() == content, "a result finished before the kill was rewritten"
     restart = statuses(sweep_dirs(results)[-1])
-    assert sorted(s["status"] for s in restart) == sorted(["skipped"] * completed + ["done"] * (4 - completed))
+    assert sorted(s["status"] for s in restart) == sorted(["skipped"] * completed + ["done"] * (3 - completed))
     assert {s["config_hash"] for s in restart if s["status"] == "skipped"} == set(before)
 
 
