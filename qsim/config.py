@@ -80,7 +80,7 @@ class AbfpConfig:
 class MseConfig:
     calibrator: str = "mse"  # mse | max | percentile | entropy (activations; weights use per-channel max)
     percentile: float = 99.99
-    candidates: int = 100  # amax candidates searched by mse / entropy (a coarse, then a fine grid)
+    candidates: int = 100  # amax candidates of the coarse search (half linear, half geometric); a fine grid of half as many follows
     attention: bool = True  # also quantize (and calibrate) the attention matmul operands, as the paper's simulator does
 
 

@@ -84,20 +84,23 @@ class AbsHistogram:
         codes = torch.arange(self.n_bins + 1, dtype=torch.int32) + self.FIRST_CODE
         return torch.bitwise_left_shift(codes, self.SHIFT).view(torch.float32).double()
 
-    def occupied(self):
-        """(lower edge, upper edge, count) of the non-empty bins above zero."""
+    def occupied(self, floor: float = 0.0):
+        """(lower edge, upper edge, count) of the non-empty bins above zero and above `floor`."""
         edges = self.edges()
         counts = self.counts[1:]
-        keep = counts > 0
+        keep = (counts > 0) & (edges[1:] > floor)
         return edges[:-1][keep], edges[1:][keep].clamp(max=max(self.max, 1e-300)), counts[keep]
 
-    def points(self, per_bin: int = 4):
-        """Representative values and weights: `per_bin` geometric points in each occupied bin."""
-        lo, hi, counts = self.occupied()
+    def points(self, per_bin: int = 2, floor_ratio: float = 2.0**-20):
+        """Representative values and weights: `per_bin` geometric points in each
+        occupied bin. Bins below max * floor_ratio are left out: whatever the
+        candidate, their error is at most their square, negligible next to the
+        quantization error of the rest, and they would only slow the search."""
+        lo, hi, counts = self.occupied(self.max * floor_ratio)
         frac = (torch.arange(per_bin, dtype=torch.float64) + 0.5) / per_bin
         pts = lo[:, None] * (hi / lo)[:, None] ** frac[None, :]
         weights = (counts / per_bin)[:, None].expand_as(pts)
-        return pts.flatten().float(), weights.flatten()
+        return pts.flatten().float(), weights.flatten().float()
 
     def percentile(self, q: float) -> float:
         cdf = torch.cumsum(self.counts, 0)
@@ -116,18 +119,19 @@ def _per_candidate_spec(spec: QuantSpec) -> QuantSpec:
 
 
 def candidate_grid(amax_max: float, n: int) -> torch.Tensor:
-    """Sorted candidates in (0, amax_max]: n evenly spaced, plus n spaced
-    geometrically down to amax_max / 2**16, for heavy tails whose best clip
-    is a tiny fraction of the largest value."""
-    k = torch.arange(n, dtype=torch.float64)
-    linear = amax_max * (k + 1) / n
-    geometric = amax_max * torch.exp2(-16 * k / n)
+    """About n sorted candidates in (0, amax_max]: half evenly spaced, half spaced
+    geometrically down to amax_max / 2**16, for heavy tails whose best clip is
+    a tiny fraction of the largest value."""
+    half = max(n // 2, 1)
+    k = torch.arange(half, dtype=torch.float64)
+    linear = amax_max * (k + 1) / half
+    geometric = amax_max * torch.exp2(-16 * k / half)
     return torch.unique(torch.cat([linear, geometric])).float()
 
 
 def search_amax(score, amax_max: float, n: int) -> float:
-    """Minimise score(candidates) -> scores: a coarse grid, then an even grid
-    between the best coarse candidate's neighbours."""
+    """Minimise score(candidates) -> scores: a coarse grid of about n candidates,
+    then n/2 evenly spaced between the best one's neighbours."""
     if amax_max <= 0:
         return 0.0
     coarse = candidate_grid(amax_max, n)
@@ -135,21 +139,21 @@ def search_amax(score, amax_max: float, n: int) -> float:
     best = float(coarse[i])
     lo = float(coarse[i - 1]) if i > 0 else best / 2
     hi = float(coarse[i + 1]) if i + 1 < len(coarse) else best
-    cands = torch.cat([torch.linspace(lo, hi, n), torch.tensor([best])])
+    cands = torch.cat([torch.linspace(lo, hi, max(n // 2, 2)), torch.tensor([best])])
     return float(cands[int(torch.argmin(score(cands)))])
 
 
 def mse_scores(values: torch.Tensor, weights: torch.Tensor, spec: QuantSpec, cands: torch.Tensor) -> torch.Tensor:
     """Weighted sum of squared fake-quantization errors of `values`, one per candidate amax."""
     x = values.float()[None, :].expand(len(cands), -1)
-    err = (fake_quantize(x, _per_candidate_spec(spec), cands.float()) - x).double().pow(2)
-    return (err * weights.double()[None, :]).sum(1)
+    err = (fake_quantize(x, _per_candidate_spec(spec), cands.float()) - x).pow_(2)
+    return (err * weights.float()[None, :]).sum(1, dtype=torch.float64)
 
 
 def mse_amax(values: torch.Tensor, weights: torch.Tensor | None, spec: QuantSpec, n: int) -> float:
     """The amax minimising the (weighted) MSE of `values` on spec's grid."""
     if weights is None:
-        weights = torch.ones_like(values, dtype=torch.float64)
+        weights = torch.ones_like(values, dtype=torch.float32)
     amax_max = float(values.abs().max()) if values.numel() else 0.0
     return search_amax(lambda c: mse_scores(values, weights, spec, c), amax_max, n)
 
