@@ -7,9 +7,9 @@ Hydra's multirun has none of these, so every multirun job goes through
   anywhere under the results root is skipped with one line. Writes are atomic
   (results.write_json_atomic), so "exists" means "complete".
 - **No job runs twice at once**: the job holds an flock on
-  `<root>/.locks/<hash>.lock` while it checks and runs; a duplicate job waits,
-  then finds the result and skips. The kernel drops the lock when a process
-  dies, even by SIGKILL.
+  `<root>/multirun/.locks/<hash>.lock` while it checks and runs; a duplicate
+  job waits, then finds the result and skips. The kernel drops the lock when
+  a process dies, even by SIGKILL.
 - **Fail-soft**: an exception is written to the job's traceback.txt and its
   status.json; the job returns normally so the sweep goes on.
 - **Summary**: `SweepSummary` (a Hydra callback) counts done, skipped and
@@ -48,7 +48,7 @@ log = logging.getLogger("qsim")
 STATUS_FILE = "status.json"
 TRACEBACK_FILE = "traceback.txt"
 SUMMARY_FILE = "summary.json"
-LOCK_DIR = ".locks"
+LOCK_DIR = Path("multirun") / ".locks"  # inside a git-ignored folder
 EXPECTED_HASH_ENV = "QSIM_EXPECTED_CONFIG_HASH"
 
 
