@@ -149,9 +149,12 @@ def preflight_overrides(overrides: list[str]) -> int:
 
 
 def cmd_run(args: list[str]) -> None:
-    overrides, _multirun = _split_args(args)
+    overrides, multirun = _split_args(args)
     if not any(a in ("--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help") for a in args):
-        preflight_overrides(overrides)
+        from .sweep import merged_overrides
+
+        # a multirun checks every cell of an experiment's grid, not only the first
+        preflight_overrides(merged_overrides(overrides) if multirun else overrides)
     sys.argv = ["qsim"] + args
     hydra_app()
 

@@ -13,10 +13,54 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULT_FILE = "result.json"
 
 
-def config_hash(resolved: dict, non_semantic=("progress",)) -> str:
-    """sha256 of the resolved config minus keys that cannot change the result."""
-    clean = {k: v for k, v in resolved.items() if k not in non_semantic}
-    blob = json.dumps(clean, sort_keys=True, separators=(",", ":"), default=str)
+# Keys that cannot change a result (display, device placement).
+NON_SEMANTIC = {("progress",), ("model", "device_map")}
+
+
+def _schema_defaults() -> dict:
+    """Every section's dataclass defaults (the group sections too, whose own default is MISSING)."""
+    import dataclasses
+    import typing
+
+    from omegaconf import OmegaConf
+
+    from .config import RunConfig
+
+    hints = typing.get_type_hints(RunConfig)
+    out = {}
+    for f in dataclasses.fields(RunConfig):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            out[f.name] = OmegaConf.to_container(OmegaConf.structured(kind), resolve=False)
+        else:
+            out[f.name] = f.default
+    return out
+
+
+def _drop_defaults(values, defaults, path=()):
+    """Keep only what differs from the schema's defaults, so adding a config key
+    with a default (a qsim upgrade) leaves every existing hash unchanged."""
+    if not isinstance(values, dict):
+        return values
+    out = {}
+    for key, value in values.items():
+        sub = path + (key,)
+        if sub in NON_SEMANTIC:
+            continue
+        default = defaults.get(key, "???") if isinstance(defaults, dict) else "???"
+        if isinstance(value, dict) and isinstance(default, dict):
+            kept = _drop_defaults(value, default, sub)
+            if kept:
+                out[key] = kept
+        elif value != default:
+            out[key] = value
+    return out
+
+
+def config_hash(resolved: dict) -> str:
+    """sha256 of the resolved config's non-default, result-changing values."""
+    semantic = _drop_defaults(resolved, _schema_defaults())
+    blob = json.dumps(semantic, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
