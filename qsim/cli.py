@@ -154,7 +154,13 @@ def cmd_run(args: list[str]) -> None:
         from .sweep import merged_overrides
 
         # a multirun checks every cell of an experiment's grid, not only the first
-        preflight_overrides(merged_overrides(overrides) if multirun else overrides)
+        to_check = overrides
+        if multirun:
+            try:
+                to_check = merged_overrides(overrides)
+            except Exception:  # a bad name: the per-job check below says which, on one line
+                pass
+        preflight_overrides(to_check)
     sys.argv = ["qsim"] + args
     hydra_app()
 

@@ -326,7 +326,8 @@ def sweep_params(overrides: list[str]) -> dict[str, str]:
     plain = [o.input_line for o in OverridesParser.create().parse_overrides(list(overrides)) if not o.is_sweep_override()]
     with conf_context():
         cfg = compose(config_name="config", overrides=plain, return_hydra_config=True)
-        params = OmegaConf.to_container(cfg.hydra.sweeper.get("params") or {}, resolve=False)
+        node = cfg.hydra.sweeper.get("params")
+        params = OmegaConf.to_container(node, resolve=False) if node else {}
     return {str(k): str(v) for k, v in params.items()}
 
 
