@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 from omegaconf import MISSING
 
-from .formats import UnknownFormat, get_format
+from .formats import CastFormat, UnknownFormat, get_format
 from .quantizer import GRANULARITIES, SCALE_DTYPES
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -230,6 +230,9 @@ def validate(cfg) -> None:
     _choice("abfp.scale_dtype", cfg.abfp.scale_dtype, SCALE_DTYPES)
     if cfg.abfp.scale_format is not None:
         _check_format("abfp.scale_format", cfg.abfp.scale_format)
+        if isinstance(get_format(cfg.abfp.scale_format), CastFormat) or cfg.abfp.scale_dtype == "e8m0":
+            raise ConfigError(f"abfp.scale_format must be an int or minifloat format (e.g. int8, e4m3) "
+                              f"with abfp.scale_dtype fp32 or bf16, got {cfg.abfp.scale_format!r}/{cfg.abfp.scale_dtype}")
     _choice("task", cfg.task.name, sorted(TASKS))
     _choice("task.protocol", cfg.task.protocol, PROTOCOLS)
     if cfg.task.seq_len < 2:

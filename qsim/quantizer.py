@@ -10,6 +10,10 @@ Scaling granularities (the scale is amax / format max):
 
 Scales are kept in fp32, bf16 (ABFP) or E8M0 (power of two, OCP MX floor rule:
 2**(floor(log2 amax) - emax_elem), so the largest elements may saturate).
+Block scales can be quantized once more (`scale_format`, VS-Quant's two-level
+scaling): each row's block scales are divided by one fp32 scale per row
+(their max / the scale format's max), rounded to nearest on that format, and
+multiplied back; elements of a block whose scale rounded down saturate.
 Modes: "dynamic" (amax from the tensor) or "static" (an `amax` buffer set by a
 calibrator). The backward is the piecewise-linear straight-through estimator
 (INT-FP-QSim Eq. 5): gradient 1 where |x| <= the clip range, 0 outside; scales
@@ -43,6 +47,7 @@ class QuantSpec:
     mode: str = "dynamic"
     symmetric: bool = True
     rounding: str = "nearest"
+    scale_format: str | None = None  # second-level quantization of block scales (VS-Quant)
 
     def __post_init__(self):
         if self.granularity not in GRANULARITIES:
@@ -56,6 +61,11 @@ class QuantSpec:
         fmt = get_format(self.format, self.rounding)
         if not self.symmetric and not isinstance(fmt, IntFormat):
             raise ValueError(f"asymmetric quantization needs an int format, got {self.format!r}")
+        if self.scale_format is not None:
+            if self.granularity != "block" or not self.symmetric or self.scale_dtype == "e8m0":
+                raise ValueError("scale_format (two-level scales) needs symmetric block scaling with fp32 or bf16 scales")
+            if isinstance(get_format(self.scale_format), CastFormat):
+                raise ValueError(f"scale_format must be an int or minifloat format, got {self.scale_format!r}")
 
     @cached_property
     def fmt(self):
@@ -102,6 +112,8 @@ class Quantizer(nn.Module):
         parts += [f"scale={s.scale_dtype}", s.mode]
         if not s.symmetric:
             parts.append("asymmetric")
+        if s.scale_format:
+            parts.append(f"scales in {s.scale_format}")
         return ", ".join(parts) + ("" if self.enabled else ", disabled")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -237,7 +249,16 @@ def _scale_from_amax(amax: torch.Tensor, fmt, spec: QuantSpec) -> torch.Tensor:
     scale = amax / fmt.max
     if spec.scale_dtype == "bf16":
         scale = scale.to(torch.bfloat16).float()
+    if spec.scale_format is not None:
+        scale = _two_level(scale, get_format(spec.scale_format))
     return scale.clamp_(min=_MIN_SCALE[spec.scale_dtype])
+
+
+def _two_level(scale: torch.Tensor, scale_fmt) -> torch.Tensor:
+    """Block scales [..., blocks, 1] on `scale_fmt`'s grid times one fp32 scale per row."""
+    row = scale.amax(dim=-2, keepdim=True) / scale_fmt.max
+    row = torch.where(row > 0, row, torch.ones_like(row))
+    return scale_fmt.quantize(scale / row) * row
 
 
 def _power_of_two(exponent: torch.Tensor) -> torch.Tensor:
@@ -253,9 +274,9 @@ def _quantize_view(view, lo, hi, spec: QuantSpec, fmt, want_mask: bool):
         inside = None
         if want_mask:
             clip = scale * fmt.max
-            if spec.scale_dtype != "e8m0":
+            if spec.scale_dtype != "e8m0" and spec.scale_format is None:
                 # A rounded fp32/bf16 scale can land a hair below amax / max; amax itself stays inside.
-                # (The E8M0 floor rule clips the top elements on purpose.)
+                # (The E8M0 floor rule and two-level scales clip the top elements on purpose.)
                 clip = torch.maximum(clip, hi)
             inside = xf.abs() <= clip
         return q, inside

@@ -183,7 +183,7 @@ def run(cfg, out_dir: Path) -> dict:
 def _spec_dict(spec: QuantSpec | None):
     if spec is None:
         return None
-    return {k: getattr(spec, k) for k in ("format", "granularity", "axis", "block", "scale_dtype", "mode", "symmetric", "rounding")}
+    return {k: getattr(spec, k) for k in ("format", "granularity", "axis", "block", "scale_dtype", "scale_format", "mode", "symmetric", "rounding")}
 
 
 def print_summary(result: dict, out_dir: Path) -> None:

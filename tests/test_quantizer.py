@@ -5,6 +5,7 @@ other granularities against a loop that applies the per-tensor path to each
 channel, token or block; and a small ABFP case against values worked by hand.
 """
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -116,6 +117,30 @@ def test_abfp_n4_int4_by_hand():
     assert got[2].tolist() == [0.0] * 10
     # The same along axis 0 on the transpose.
     assert torch.equal(fake_quantize(x.T.contiguous(), QuantSpec("int4", "block", axis=0, block=4, scale_dtype="bf16")), got.T)
+
+
+def test_two_level_scales_by_hand():
+    """INT4 elements in blocks of 2, block scales on E2M1 (max 6) times one fp32 scale per row.
+    block amaxes 7, 3.5, 1.4 -> scales 1, .5, .2; row scale 1/6; 6, 3, 1.2 on E2M1 -> 6, 3, 1
+    -> scales 1, .5, 1/6. Block 3: 1.4, -.7 -> 8.4, -4.2 -> 7 (saturated), -4 -> 7/6, -4/6.
+    """
+    x = torch.tensor([[7.0, 2.0, 3.5, 1.0, 1.4, -0.7], [0.0] * 6])
+    spec = QuantSpec("int4", "block", block=2, scale_format="e2m1")
+    got = fake_quantize(x, spec)
+    assert torch.allclose(got[0], torch.tensor([7.0, 2.0, 3.5, 1.0, 7 / 6, -4 / 6]), rtol=0, atol=1e-6)
+    assert got[1].tolist() == [0.0] * 6
+    # Without the second level, block 3 keeps its own scale .2: 1.4, -.7 -> 7, -3.5 -> 7, -4 (ties to even) -> 1.4, -.8.
+    assert torch.allclose(fake_quantize(x, replace(spec, scale_format=None))[0, 4:], torch.tensor([1.4, -0.8]))
+    # The STE clips where the rounded-down scale saturates: 1.4 > 7/6.
+    xg = x.clone().requires_grad_()
+    fake_quantize(xg, spec).sum().backward()
+    assert xg.grad[0].tolist() == [1.0, 1.0, 1.0, 1.0, 0.0, 1.0]
+
+
+def test_two_level_scales_need_symmetric_blocks():
+    for bad in (dict(granularity="token"), dict(scale_dtype="e8m0"), dict(symmetric=False), dict(scale_format="bf16")):
+        with pytest.raises(ValueError):
+            QuantSpec(**{"format": "int4", "granularity": "block", "scale_format": "int8", **bad})
 
 
 @pytest.mark.parametrize("granularity", ["tensor", "channel", "token", "block"])

@@ -11,7 +11,7 @@ from . import Method, register
 
 def block_spec(spec, cfg, axis=-1):
     return replace(spec, granularity="block", block=cfg.abfp.n, axis=axis,
-                   scale_dtype=cfg.abfp.scale_dtype, mode="dynamic")
+                   scale_dtype=cfg.abfp.scale_dtype, scale_format=cfg.abfp.scale_format, mode="dynamic")
 
 
 def configure(plan, cfg):
@@ -24,8 +24,6 @@ def configure(plan, cfg):
 def validate(cfg):
     if cfg.abfp.n < 1:
         raise ConfigError(f"abfp.n (vector length) must be >= 1, got {cfg.abfp.n}")
-    if cfg.abfp.scale_format is not None:
-        raise ConfigError("abfp.scale_format (second-level scale quantization) is not implemented yet")
 
 
 register(Method("abfp", configure=configure, validate=validate))

@@ -484,6 +484,8 @@ def validate(cfg):
         raise ConfigError(f"set gptq.group_size or gptq.granularity, not both (got {g.granularity!r})")
     if g.max_blocks is not None and g.max_blocks < 1:
         raise ConfigError(f"gptq.max_blocks must be >= 1 or null (all), got {g.max_blocks}")
+    if cfg.abfp.scale_format is not None:
+        raise ConfigError("gptq fits one block scale at a time; abfp.scale_format (two-level scales) is not supported with it")
 
 
 def apply(model, calib, cfg, bar):
