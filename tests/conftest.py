@@ -20,6 +20,15 @@ def _results_dir(tmp_path, monkeypatch):
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread for the test: on a shared 2-core machine a second one only adds contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def smollm2():
     """A fresh SmolLM2-135M (fp32, from the qsim cache; the first load builds it, ~40 s)."""
     from qsim.models import load_smollm2

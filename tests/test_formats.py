@@ -32,13 +32,7 @@ from qsim.formats import (
 QUANTIZE_PATHS = ("quantize", "quantize_reference")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: a second thread only adds contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: a second thread only adds contention
 
 
 # ---------------------------------------------------------------- the formats under test

@@ -14,13 +14,7 @@ from qsim.formats import get_format
 from qsim.quantizer import QuantSpec, Quantizer, fake_quantize, quant_error
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: a second thread only adds contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: a second thread only adds contention
 
 
 def randn(*shape, seed=0, scale=1.0):

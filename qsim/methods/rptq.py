@@ -116,12 +116,7 @@ class ClusterQuantizer(Quantizer):
     def extra_repr(self) -> str:
         return super().extra_repr() + f", clusters={self.clusters}"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.observer is not None:
-            self.observer(self, x)
-            return x
-        if not self.active:
-            return x
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(self.spec.fmt, IntFormat) and not self.spec.symmetric:
             q = asymmetric_fake_quantize(x, self.cluster_lo[self.labels], self.cluster_hi[self.labels], self.spec.fmt.bits)
         else:
