@@ -70,7 +70,6 @@ def round_integer(y: torch.Tensor, mode: str) -> torch.Tensor:
 
 CHUNK = 1 << 20  # elements: 4 MiB per fp32 buffer, in L3; few chunks, so few thread barriers
 _SMALL = 1 << 16  # elements: below this, new scratch tensors are cheaper than the pool's views
-_SIGN_BIT = -(2**31)  # int32 0x80000000
 _EXPONENT_BITS = 0x7F800000
 _scratch = threading.local()  # per-thread buffers, reused across calls
 
@@ -164,10 +163,10 @@ def _chunks(src: torch.Tensor, out: torch.Tensor, scale: torch.Tensor | None):
     return chunks, per_chunk * row_len
 
 
-def _or_sign(out: torch.Tensor, sign_src: torch.Tensor, scratch_int: torch.Tensor) -> None:
-    """Give out the sign bits of sign_src: -0 for a negative value that rounded to zero."""
-    torch.bitwise_and(sign_src.view(torch.int32), _SIGN_BIT, out=scratch_int)
-    out.view(torch.int32).bitwise_or_(scratch_int)
+def _copy_sign(out: torch.Tensor, sign_src: torch.Tensor) -> None:
+    """Give out the sign of sign_src (one pass): -0 for a negative value that rounded to zero.
+    out already has sign_src's sign wherever it is not zero, so this equals OR-ing the sign bit."""
+    torch.copysign(out, sign_src, out=out)
 
 
 @dataclass(frozen=True)
@@ -230,7 +229,7 @@ class IntFormat:
             return
         whole = torch.trunc(out, out=scratch.float32)  # ties away: trunc(y) + trunc(2 * (y - trunc(y)))
         out.sub_(whole).mul_(2).trunc_().add_(whole)
-        _or_sign(out, sign_src, scratch.int32)  # -0 - -0 is +0
+        _copy_sign(out, sign_src)  # -0 - -0 is +0
 
     def code_points(self) -> torch.Tensor:
         return torch.arange(-self.max, self.max + 1, dtype=torch.float64)
@@ -355,7 +354,7 @@ class FloatFormat:
             out.clamp_(-self.max, self.max)
         else:
             out.masked_fill_(out.abs() > self.max, math.inf if self.special == "ieee" else math.nan)
-        _or_sign(out, sign_src, scratch.int32)
+        _copy_sign(out, sign_src)
 
     def _flush_fast(self, val, out, scratch_float) -> None:
         """Below min_normal only 0 and min_normal remain (a tie goes to 0, as in the reference)."""
