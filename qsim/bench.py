@@ -96,7 +96,7 @@ def model_overhead(windows: int, repeats: int, seq_len: int = 512) -> dict:
 
 # ---------------------------------------------------------------- 2. format kernels
 
-def format_kernels(numel: int = 1 << 22, repeats: int = 5) -> dict:
+def format_kernels(numel: int = 1 << 22, repeats: int = 25) -> dict:
     from .formats import get_format
     from .quantizer import QuantSpec, fake_quantize
 
@@ -150,19 +150,24 @@ def _child(code: str, env: dict | None = None) -> dict:
     return result
 
 
+# Peak RSS from VmHWM, this process's own high-water mark: on Linux ru_maxrss survives
+# fork + exec, so a child would report its parent's (the bench's) peak.
 RUN_IN_CHILD = """
-import json, resource, sys, tempfile
+import json, sys, tempfile
 from qsim.config import compose_config
 from qsim.run import run
 overrides = {overrides!r}
 res = run(compose_config(overrides + ["progress=false"]), tempfile.mkdtemp())
+hwm_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print(json.dumps({{"value": res["value"], "timings": res["timings"], "methods": res["methods"],
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+                  "peak_rss_mb": hwm_kb / 1024}}))
 """
 
 LOAD_IN_CHILD = """
-import json, resource, time
+import json, time
 t0 = time.perf_counter()
+import transformers.models.llama.modeling_llama  # imports timed apart from the load
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from qsim.models import load_smollm2
 t1 = time.perf_counter()
 lm = load_smollm2()

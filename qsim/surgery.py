@@ -314,7 +314,9 @@ def freeze_quantized_weights(model: nn.Module) -> int:
     for _, layer in quantized_layers(model):
         # a tied weight (lm_head = embeddings) keeps its float values for the other user
         if layer.weight_quantizer.active and uses.get(id(layer.weight), 1) == 1:
-            layer.weight.data = layer.quantized_weight().detach()
+            # In place: a weight memory-mapped from the safetensors cache (private, copy-on-write)
+            # turns into the quantized copy page by page; a new tensor would keep both.
+            layer.weight.data.copy_(layer.quantized_weight().detach())
             layer.weight_quantizer.enabled = False
             layer.drop_weight_cache()
             frozen += 1

@@ -181,9 +181,15 @@ def test_freezing_weights_keeps_outputs_and_drops_float_copies(tiny_opt):
 def test_tied_lm_head_is_not_frozen(smollm2):
     from qsim.surgery import freeze_quantized_weights
 
+    from qsim.models import load_smollm2
+
     model = smollm2.model
     embed = model.model.embed_tokens.weight.clone()
+    down = model.model.layers[5].mlp.down_proj.weight.clone()
     quantize_model(model, SurgeryPlan(default=W4A8, skip=("*embed*",)))
     assert freeze_quantized_weights(model) == 210  # every decoder linear, not the tied lm_head
     assert torch.equal(model.model.embed_tokens.weight, embed)
     assert model.lm_head.weight_quantizer.active
+    # Frozen in place into weights memory-mapped from the cache: the cache file itself is untouched.
+    assert not torch.equal(model.model.layers[5].mlp.down_proj.weight, down)
+    assert torch.equal(load_smollm2().model.model.layers[5].mlp.down_proj.weight, down)
