@@ -8,8 +8,8 @@ from typing import Any, Optional
 
 from omegaconf import MISSING
 
-from .formats import CastFormat, UnknownFormat, get_format
-from .quantizer import GRANULARITIES, SCALE_DTYPES
+from .formats import UnknownFormat, get_format
+from .quantizer import GRANULARITIES, SCALE_DTYPES, QuantSpec
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 ROUNDINGS = ("nearest", "away", "stochastic")
@@ -230,9 +230,10 @@ def validate(cfg) -> None:
     _choice("abfp.scale_dtype", cfg.abfp.scale_dtype, SCALE_DTYPES)
     if cfg.abfp.scale_format is not None:
         _check_format("abfp.scale_format", cfg.abfp.scale_format)
-        if isinstance(get_format(cfg.abfp.scale_format), CastFormat) or cfg.abfp.scale_dtype == "e8m0":
-            raise ConfigError(f"abfp.scale_format must be an int or minifloat format (e.g. int8, e4m3) "
-                              f"with abfp.scale_dtype fp32 or bf16, got {cfg.abfp.scale_format!r}/{cfg.abfp.scale_dtype}")
+        try:  # the quantizer's own rule for two-level scales
+            QuantSpec("int4", "block", scale_dtype=cfg.abfp.scale_dtype, scale_format=cfg.abfp.scale_format)
+        except ValueError as err:
+            raise ConfigError(f"abfp.scale_format={cfg.abfp.scale_format!r}: {err} (e.g. int8, e4m3)") from None
     _choice("task", cfg.task.name, sorted(TASKS))
     _choice("task.protocol", cfg.task.protocol, PROTOCOLS)
     if cfg.task.seq_len < 2:

@@ -28,7 +28,7 @@ BAD_INPUT = [
     (["+quant.overrides={*.fc2:{act:int99}}"], "int99", "2..16"),
     (["nonsense_key=3"], "nonsense_key", "unknown config key"),
     (["abfp.n=abc"], "abfp.n", "abc"),
-    (["method=abfp", "abfp.scale_format=bf16"], "abfp.scale_format must be an int or minifloat", "e4m3"),
+    (["method=abfp", "abfp.scale_format=bf16"], "scale_format must be an int or minifloat format", "e4m3"),
     (["method=gptq-abfp", "abfp.scale_format=int8"], "abfp.scale_format", "not supported"),
 ]
 
