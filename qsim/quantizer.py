@@ -64,12 +64,16 @@ class QuantSpec:
         if self.scale_format is not None:
             if self.granularity != "block" or not self.symmetric or self.scale_dtype == "e8m0":
                 raise ValueError("scale_format (two-level scales) needs symmetric block scaling with fp32 or bf16 scales")
-            if isinstance(get_format(self.scale_format), CastFormat):
+            if isinstance(self.scale_fmt, CastFormat):
                 raise ValueError(f"scale_format must be an int or minifloat format, got {self.scale_format!r}")
 
     @cached_property
     def fmt(self):
         return get_format(self.format, self.rounding)
+
+    @cached_property
+    def scale_fmt(self):
+        return None if self.scale_format is None else get_format(self.scale_format)
 
     @property
     def is_identity(self) -> bool:
@@ -254,7 +258,7 @@ def _scale_from_amax(amax: torch.Tensor, fmt, spec: QuantSpec) -> torch.Tensor:
     if spec.scale_dtype == "bf16":
         scale = scale.to(torch.bfloat16).float()
     if spec.scale_format is not None:
-        scale = _two_level(scale, get_format(spec.scale_format))
+        scale = _two_level(scale, spec.scale_fmt)
     return scale.clamp_(min=_MIN_SCALE[spec.scale_dtype])
 
 
