@@ -2,8 +2,9 @@
 
 Measured, never asserted (tests do not time anything):
 1. model overhead: the same SmolLM2 WikiText-2 windows as FP32 and as each
-   simulated configuration, interleaved FP32, X, FP32, Y, ... so machine drift
-   cancels; the median of several repeats; ratio to the neighbouring FP32 runs;
+   simulated configuration, interleaved FP32, X, FP32, Y, ... window by window so
+   machine drift cancels; ratio to the neighbouring FP32 runs, median over the
+   windows (each window is one repeat) and the passes over them;
 2. format kernels: fake-quantize throughput on a 4M-element fp32 tensor vs
    x.clone() (the memory-bound limit) and qtorch's float_quantize;
 3. calibration cost: GPTQ (128 x 512 tokens), SmoothQuant and MSE wall time
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -51,6 +53,9 @@ def _timeit(fn, repeats: int) -> float:
 # ---------------------------------------------------------------- 1. model overhead
 
 def model_overhead(windows: int, repeats: int, seq_len: int = 512) -> dict:
+    """Interleaved per window: FP32, X1, FP32, X2, ..., FP32 on window 0, then window 1, ...
+    Each X timing is divided by the mean of the FP32 timings just before and after it (same
+    window, seconds apart, so drift cancels); the ratio is the median over windows x repeats."""
     from .config import compose_config
     from .data import join_text, load_rows, tokenize
     from .models import load_smollm2
@@ -66,32 +71,40 @@ def model_overhead(windows: int, repeats: int, seq_len: int = 512) -> dict:
         quantize_model(lm.model, build_plan(compose_config(overrides)))
         models[name] = lm.model
 
-    def evaluate(model) -> tuple[float, float]:
+    def evaluate(name: str, window: int) -> float:
         t0 = time.perf_counter()
-        out = perplexity(model, ids, seq_len, windows, 1)
-        return time.perf_counter() - t0, out["value"]
+        out = perplexity(models[name], ids[window * seq_len : (window + 1) * seq_len], seq_len, 1, 1)
+        seconds[name][window].append(time.perf_counter() - t0)
+        nll[name][window] = out["mean_nll"]
+        return seconds[name][window][-1]
 
-    for model in models.values():  # warm-up; also fills the weight caches
-        perplexity(model, ids, seq_len, 1, 1)
-    fp32_times, runs = [], {name: [] for name in MODEL_CONFIGS}
-    ppl = {}
+    seconds = {name: [[] for _ in range(windows)] for name in models}
+    nll = {name: [0.0] * windows for name in models}
+    ratios = {name: [] for name in MODEL_CONFIGS}
+    for name in models:  # warm-up; also fills the weight caches
+        perplexity(models[name], ids, seq_len, 1, 1)
     for _ in range(repeats):
-        t, ppl["FP32"] = evaluate(models["FP32"])
-        fp32_times.append(t)
-        for name in MODEL_CONFIGS:
-            t, ppl[name] = evaluate(models[name])
-            t_fp, _ = evaluate(models["FP32"])
-            fp32_times.append(t_fp)
-            runs[name].append(t / ((fp32_times[-2] + fp32_times[-1]) / 2))
-            runs[name + "_seconds"] = runs.get(name + "_seconds", []) + [t]
+        for window in range(windows):
+            before = evaluate("FP32", window)
+            for name in MODEL_CONFIGS:
+                t = evaluate(name, window)
+                after = evaluate("FP32", window)
+                ratios[name].append(t / ((before + after) / 2))
+                before = after
     tokens = windows * seq_len
-    fp32_median = statistics.median(fp32_times)
-    table = {"FP32": {"seconds": fp32_median, "tokens_per_s": tokens / fp32_median, "ratio": 1.0, "ppl": ppl["FP32"]}}
-    for name in MODEL_CONFIGS:
-        secs = statistics.median(runs[name + "_seconds"])
-        table[name] = {"seconds": secs, "tokens_per_s": tokens / secs, "ratio": statistics.median(runs[name]),
-                       "ratios": runs[name], "ppl": ppl[name]}
-    return {"windows": windows, "seq_len": seq_len, "repeats": repeats, "threads": torch.get_num_threads(), "configs": table}
+    table = {}
+    for name in models:
+        total = sum(statistics.median(per_window) for per_window in seconds[name])
+        row = {"seconds": total, "tokens_per_s": tokens / total, "ppl": math.exp(sum(nll[name]) / windows)}
+        if name == "FP32":
+            row["ratio"] = 1.0
+        else:
+            row.update(ratio=statistics.median(ratios[name]), ratio_min=min(ratios[name]),
+                       ratio_max=max(ratios[name]), ratio_of_totals=total / table["FP32"]["seconds"])
+        table[name] = row
+    return {"windows": windows, "seq_len": seq_len, "repeats": repeats, "samples_per_ratio": windows * repeats,
+            "interleaving": "per window: FP32, X, FP32, Y, ..., FP32", "threads": torch.get_num_threads(),
+            "configs": table}
 
 
 # ---------------------------------------------------------------- 2. format kernels
@@ -209,6 +222,10 @@ def load_times() -> dict:
     return {"first": first, "cached": cached}
 
 
+# Peak RSS is set by the weights and one window's activations, so two windows show it.
+MEMORY_WINDOWS = 2
+
+
 def memory(windows: int) -> dict:
     common = [f"task.max_windows={windows}"]
     fp32 = run_child(common)
@@ -231,12 +248,14 @@ def print_report(report: dict) -> None:
     console = Console()
     if "model_overhead" in report:
         mo = report["model_overhead"]
-        t = Table(title=f"model overhead: SmolLM2, {mo['windows']} x {mo['seq_len']} tokens, median of {mo['repeats']}")
-        for col in ("config", "seconds", "tokens/s", "ratio to FP32", "target", "ppl"):
+        t = Table(title=f"model overhead: SmolLM2, {mo['windows']} x {mo['seq_len']} tokens, "
+                        f"ratio = median of {mo['samples_per_ratio']} per-window ratios")
+        for col in ("config", "seconds", "tokens/s", "ratio to FP32", "range", "target", "ppl"):
             t.add_column(col)
         for name, row in mo["configs"].items():
             target = TARGETS.get(name)
-            t.add_row(name, f"{row['seconds']:.2f}", f"{row['tokens_per_s']:.0f}", f"{row['ratio']:.3f}",
+            spread = f"{row['ratio_min']:.2f}-{row['ratio_max']:.2f}" if "ratio_min" in row else ""
+            t.add_row(name, f"{row['seconds']:.2f}", f"{row['tokens_per_s']:.0f}", f"{row['ratio']:.3f}", spread,
                       "" if target is None else f"<= {target}", f"{row['ppl']:.2f}")
         console.print(t)
     if "format_kernels" in report:
@@ -251,32 +270,38 @@ def print_report(report: dict) -> None:
                       f"{row['qtorch_seconds'] * 1e3:.1f}" if "qtorch_seconds" in row else "",
                       f"{row['speedup_vs_qtorch']:.1f}" if "speedup_vs_qtorch" in row else "")
         console.print(t)
-    for key in ("calibration", "load", "memory"):
+    for key in ("calibration", "load", "memory", "section_seconds"):
         if key in report:
             console.print(f"[bold]{key}[/bold]: {json.dumps(report[key], default=str)}")
+    if "bench_seconds" in report:
+        console.print(f"[bold]bench total[/bold]: {report['bench_seconds'] / 60:.1f} min")
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m qsim.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--windows", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=1, help="passes over the windows (each window is a repeat)")
     parser.add_argument("--quick", action="store_true", help="fewer samples (GPTQ 16 x 512)")
-    parser.add_argument("--only", nargs="*", default=["model", "kernels", "calibration", "load", "memory"])
+    parser.add_argument("--only", nargs="*", default=["model", "kernels", "calibration", "load", "memory"],
+                        choices=["model", "kernels", "calibration", "load", "memory"])
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "results" / "bench")
     args = parser.parse_args(argv)
     os.environ.setdefault("QSIM_DATA_DIR", str(REPO_ROOT.parent / "shared" / "data"))
     report = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "versions": versions(), "cpu_count": os.cpu_count()}
     t0 = time.time()
-    if "kernels" in args.only:
-        report["format_kernels"] = format_kernels()
-    if "model" in args.only:
-        report["model_overhead"] = model_overhead(args.windows, args.repeats)
-    if "load" in args.only:
-        report["load"] = load_times()
-    if "memory" in args.only:
-        report["memory"] = memory(args.windows)
-    if "calibration" in args.only:
-        report["calibration"] = calibration_costs(args.quick)
+    sections = {
+        "kernels": ("format_kernels", format_kernels),
+        "model": ("model_overhead", lambda: model_overhead(args.windows, args.repeats)),
+        "load": ("load", load_times),
+        "memory": ("memory", lambda: memory(MEMORY_WINDOWS)),
+        "calibration": ("calibration", lambda: calibration_costs(args.quick)),
+    }
+    report["section_seconds"] = {}
+    for key, (field, measure) in sections.items():
+        if key in args.only:
+            started = time.time()
+            report[field] = measure()
+            report["section_seconds"][field] = round(time.time() - started, 1)
     report["bench_seconds"] = time.time() - t0
     path = args.out / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}.json"
     write_json_atomic(path, report)

@@ -7,7 +7,7 @@ import torch
 
 from qsim import data
 from qsim.config import ConfigError, validate
-from qsim.methods.gptq import WeightGrid, find_decoder_blocks, gptq_quantize, reconstruction_error, run_gptq
+from qsim.methods.gptq import WeightGrid, _HessianSum, find_decoder_blocks, gptq_quantize, reconstruction_error, run_gptq
 from qsim.methods.qat import finetune
 from qsim.quantizer import QuantSpec, fake_quantize
 from qsim.run import build_plan, preflight
@@ -49,6 +49,21 @@ def test_gptq_beats_rtn_on_a_linear_layer(name, act_order):
     err = lambda Wq: float(((W - Wq) @ X.T).pow(2).sum())  # ||WX - QX||^2 from the data
     assert err(q) < 0.8 * err(rtn), (err(q), err(rtn))
     assert math.isclose(reconstruction_error(W, q, H), err(q) / float((W @ X.T).pow(2).sum()), rel_tol=1e-3)
+
+
+@pytest.mark.parametrize("size", [5, 192, 200, 1536])
+def test_hessian_sum_of_upper_strips_is_the_full_product(size):
+    """Only the upper triangle is accumulated, strip by strip; the result must be the whole 2 X^T X / n."""
+    gen = torch.Generator().manual_seed(size)
+    windows = [torch.randn(1, 100, size, generator=gen) for _ in range(3)]
+    acc = _HessianSum(size, "cpu")
+    for x in windows:
+        acc.add(x)
+    X = torch.cat(windows).reshape(-1, size).double()
+    expected = (2 * X.T @ X / X.shape[0]).float()
+    H = acc.hessian()
+    assert torch.equal(H, H.T)
+    assert torch.allclose(H, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
 
 
 @pytest.mark.parametrize("name", list(SPECS))

@@ -140,6 +140,26 @@ def test_mse_stage_calibrates_every_activation_quantizer_on_its_own_format():
     assert amax["w4a4"] != pytest.approx(amax["e2m1"], rel=0.05)
 
 
+@pytest.mark.parametrize("head_quantized", [False, True])
+def test_calibration_passes_stop_before_an_unquantized_head(head_quantized):
+    """The LM head is skipped by default: calibration passes never run it (it is ~20% of the forward),
+    and the observed statistics are unchanged; a quantized head is still run and observed."""
+    from qsim.methods.mse import float_passes
+
+    lm = _tiny(post_ln=False)
+    skip = "quant.skip=[]" if head_quantized else "quant.skip=[lm_head]"
+    c, calib = _prepare(lm, "model=tiny-opt", "method=mse", "format=w4a8", skip)
+    calls = []
+    lm.model.lm_head.register_forward_hook(lambda _m, _a, _out: calls.append(1))  # fires only if it ran
+    seen = []
+    for name, layer in quantized_layers(lm.model):
+        layer.input_quantizer.observer = lambda _q, x, name=name: seen.append(name)
+    float_passes(lm.model, calib, Bar())
+    assert len(calls) == (len(calib) if head_quantized else 0)
+    assert ("lm_head" in seen) == head_quantized
+    assert seen.count("model.decoder.layers.1.fc2") == len(calib)
+
+
 # ---------------------------------------------------------------- SmoothQuant
 
 def test_smoothing_scale_formula_by_hand():

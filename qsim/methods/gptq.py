@@ -295,6 +295,11 @@ def _block_output(out):
 
 
 class _HessianSum:
+    """X^T X summed over calibration windows. Only the upper triangle is accumulated, in strips of
+    STRIP rows (X_i^T X[:, i:]), which costs ~55% of a full product; hessian() mirrors it."""
+
+    STRIP = 192
+
     def __init__(self, size: int, device):
         self.sum = torch.zeros(size, size, dtype=torch.float32, device=device)
         self.count = 0
@@ -302,11 +307,13 @@ class _HessianSum:
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
-        self.sum.addmm_(x.t(), x)
+        for i in range(0, x.shape[1], self.STRIP):
+            self.sum[i : i + self.STRIP, i:].addmm_(x[:, i : i + self.STRIP].t(), x[:, i:])
         self.count += x.shape[0]
 
     def hessian(self) -> torch.Tensor:
-        return self.sum * (2.0 / self.count)
+        upper = torch.triu(self.sum)
+        return (upper + torch.triu(upper, 1).t()) * (2.0 / self.count)
 
 
 def _input_signature(quantizer) -> tuple:
@@ -316,9 +323,11 @@ def _input_signature(quantizer) -> tuple:
 @torch.no_grad()
 def collect_hessians(block: nn.Module, layers: list[tuple[str, nn.Module]], inputs: BlockInputs):
     """Run the block over every window; return [(layer names, Hessian)] with
-    layers that read the same input through equal input quantizers grouped."""
+    layers that read the same input through equal input quantizers grouped.
+    A window's pass stops once every layer has seen its input (the last matmul's output is unused)."""
     accumulator: dict[str, _HessianSum] = {}
     seen: dict = {}  # per window: (id(input), signature) -> accumulator; holds the input so ids stay unique
+    reached: set[str] = set()  # per window: the layers whose input has been seen
     window = {"index": 0}
 
     def hook_for(name, layer):
@@ -333,6 +342,9 @@ def collect_hessians(block: nn.Module, layers: list[tuple[str, nn.Module]], inpu
             if acc.window != window["index"]:
                 acc.window = window["index"]
                 acc.add(output)
+            reached.add(name)
+            if len(reached) == len(layers):
+                raise _Stop
         return hook
 
     handles = [layer.input_quantizer.register_forward_hook(hook_for(name, layer)) for name, layer in layers]
@@ -343,7 +355,11 @@ def collect_hessians(block: nn.Module, layers: list[tuple[str, nn.Module]], inpu
         for i, hidden in enumerate(inputs.hidden):
             window["index"] = i
             seen.clear()
-            block(hidden, *inputs.args[i], **inputs.kwargs[i])
+            reached.clear()
+            try:
+                block(hidden, *inputs.args[i], **inputs.kwargs[i])
+            except _Stop:
+                pass
     finally:
         seen.clear()
         for h in handles:

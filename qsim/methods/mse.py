@@ -207,16 +207,43 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+class _HeadReached(Exception):
+    pass
+
+
+def _unobserved_head(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The output head (LM head) when no quantizer sits in it: calibration passes stop at its input.
+    The LM head is ~20% of SmolLM2's forward; nothing after it is observed."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if head is None or any(isinstance(m, Quantizer) for m in head.modules()):
+        return None
+    return head
+
+
 @torch.no_grad()
 def float_passes(model: torch.nn.Module, calib: torch.Tensor, bar, info: str = "") -> None:
     """Run each calibration window through the float model (every quantizer off;
-    quantizer observers still see their input)."""
+    quantizer observers still see their input), up to an unquantized output head."""
     device = model_device(model)
     bar.start(len(calib))
-    with quantization_disabled(model):
-        for window in calib:
-            model(window[None].to(device), use_cache=False)
-            bar.advance(1, info)
+    head = _unobserved_head(model)
+
+    def stop(_module, _args):
+        raise _HeadReached
+
+    handle = head.register_forward_pre_hook(stop) if head is not None else None
+    try:
+        with quantization_disabled(model):
+            for window in calib:
+                try:
+                    model(window[None].to(device), use_cache=False)
+                except _HeadReached:
+                    pass
+                bar.advance(1, info)
+    finally:
+        if handle is not None:
+            handle.remove()
 
 
 class SharedInputCache:
