@@ -23,6 +23,7 @@ the largest element); E8M0's floor rule clips above it on purpose.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, replace
 from functools import cached_property
 
@@ -126,11 +127,34 @@ class Quantizer(nn.Module):
             return x
         if not self.active:
             return x
+        if self._shareable(x):
+            return _quantize_shared(self, x)
         return self.quantize(x)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         """The fake-quantized x (subclasses with their own ranges override this)."""
         return fake_quantize(x, self.spec, self.amax)
+
+    def _shareable(self, x: torch.Tensor) -> bool:
+        """Whether the result depends only on x and the spec (dynamic, deterministic, no autograd)."""
+        return (type(self).quantize is Quantizer.quantize and self.amax is None
+                and self.spec.rounding != "stochastic" and not (x.requires_grad and torch.is_grad_enabled()))
+
+
+_last_shared = threading.local()
+
+
+def _quantize_shared(quantizer: Quantizer, x: torch.Tensor) -> torch.Tensor:
+    """q/k/v (and gate/up) read the same tensor through equal dynamic quantizers: quantize it once.
+    The entry holds x itself (so its id cannot be reused) and the versions of x and of the result
+    (bumped by in-place writes), so a tensor changed in place is quantized again."""
+    last = getattr(_last_shared, "entry", None)
+    if (last is not None and last[0] is x and last[1] == x._version and last[2] == quantizer.spec
+            and last[3]._version == last[4]):
+        return last[3]
+    out = quantizer.quantize(x)
+    _last_shared.entry = (x, x._version, quantizer.spec, out, out._version)
+    return out
 
 
 def fake_quantize(x: torch.Tensor, spec: QuantSpec, amax: torch.Tensor | None = None) -> torch.Tensor:

@@ -359,3 +359,27 @@ def test_large_per_tensor_matches_the_formula():
     x = randn(400, 400, seed=15, scale=3)
     for name in ("int4", "e4m3", "e2m1"):
         assert torch.equal(fake_quantize(x, QuantSpec(name)), per_tensor_by_formula(x, name))
+
+
+def test_equal_dynamic_quantizers_on_one_tensor_share_the_result():
+    """q/k/v read one tensor through equal quantizers: one quantization, reused only while nothing changed."""
+    spec = QuantSpec("int8", "block", block=64, scale_dtype="bf16")
+    q, k = Quantizer(spec), Quantizer(spec)
+    x = torch.randn(4, 256)
+    first = q(x)
+    assert k(x) is first and torch.equal(first, fake_quantize(x, spec))
+    x.mul_(3.0)  # in place: quantized again, with the new values
+    again = k(x)
+    assert again is not first and torch.equal(again, fake_quantize(x, spec))
+    again.add_(1.0)  # a consumer wrote into the shared result: not reused
+    assert torch.equal(q(x), fake_quantize(x, spec))
+    other = Quantizer(QuantSpec("int4", "block", block=64, scale_dtype="bf16"))
+    assert torch.equal(other(x), fake_quantize(x, other.spec))
+    static = Quantizer(spec)
+    static.set_amax(torch.tensor(1.0))
+    assert torch.equal(static(x), fake_quantize(x, static.spec, static.amax))
+    stochastic = QuantSpec("int4", "block", block=64, rounding="stochastic")
+    a, b = Quantizer(stochastic), Quantizer(stochastic)
+    assert not torch.equal(a(x), b(x))  # independent draws, as without sharing
+    xg = x.clone().requires_grad_()
+    assert q(xg) is not k(xg)  # autograd: each layer gets its own graph
