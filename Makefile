@@ -22,7 +22,7 @@ formats:
 run:
 	qsim run
 
-# Speed and memory (JSON in results/bench/), never timed tests; ~25 minutes (GPTQ 128 x 512 alone ~9).
+# Speed and memory (JSON in results/bench/), never timed tests; ~15 minutes (GPTQ 128 x 512 alone ~7).
 bench:
 	$(PYTHON) -m qsim.bench
 
