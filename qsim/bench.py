@@ -71,6 +71,9 @@ def model_overhead(windows: int, repeats: int, seq_len: int = 512) -> dict:
         quantize_model(lm.model, build_plan(compose_config(overrides)))
         models[name] = lm.model
 
+    seconds = {name: [[] for _ in range(windows)] for name in models}
+    nll = {name: [0.0] * windows for name in models}
+
     def evaluate(name: str, window: int) -> float:
         t0 = time.perf_counter()
         out = perplexity(models[name], ids[window * seq_len : (window + 1) * seq_len], seq_len, 1, 1)
@@ -78,8 +81,6 @@ def model_overhead(windows: int, repeats: int, seq_len: int = 512) -> dict:
         nll[name][window] = out["mean_nll"]
         return seconds[name][window][-1]
 
-    seconds = {name: [[] for _ in range(windows)] for name in models}
-    nll = {name: [0.0] * windows for name in models}
     ratios = {name: [] for name in MODEL_CONFIGS}
     for name in models:  # warm-up; also fills the weight caches
         perplexity(models[name], ids, seq_len, 1, 1)
@@ -277,13 +278,15 @@ def print_report(report: dict) -> None:
         console.print(f"[bold]bench total[/bold]: {report['bench_seconds'] / 60:.1f} min")
 
 
+SECTIONS = ("kernels", "model", "load", "memory", "calibration")  # in the order they run
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m qsim.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=1, help="passes over the windows (each window is a repeat)")
     parser.add_argument("--quick", action="store_true", help="fewer samples (GPTQ 16 x 512)")
-    parser.add_argument("--only", nargs="*", default=["model", "kernels", "calibration", "load", "memory"],
-                        choices=["model", "kernels", "calibration", "load", "memory"])
+    parser.add_argument("--only", nargs="*", default=list(SECTIONS), choices=SECTIONS)
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "results" / "bench")
     args = parser.parse_args(argv)
     os.environ.setdefault("QSIM_DATA_DIR", str(REPO_ROOT.parent / "shared" / "data"))

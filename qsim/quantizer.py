@@ -128,7 +128,7 @@ class Quantizer(nn.Module):
         if not self.active:
             return x
         if self._shareable(x):
-            return _quantize_shared(self, x)
+            return _shared_fake_quantize(x, self.spec)
         return self.quantize(x)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
@@ -141,20 +141,23 @@ class Quantizer(nn.Module):
                 and self.spec.rounding != "stochastic" and not (x.requires_grad and torch.is_grad_enabled()))
 
 
-_last_shared = threading.local()
+class SameInputCache:
+    """compute(x, *key) for the last input, reused when the same tensor comes again unchanged with
+    the same key: layers that read one tensor (q/k/v, gate/up) compute it once. The entry holds x
+    (so its id cannot be reused) and the version counters of x and of the result (bumped by
+    in-place writes); one entry per thread."""
 
+    def __init__(self, compute):
+        self.compute, self._local = compute, threading.local()
 
-def _quantize_shared(quantizer: Quantizer, x: torch.Tensor) -> torch.Tensor:
-    """q/k/v (and gate/up) read the same tensor through equal dynamic quantizers: quantize it once.
-    The entry holds x itself (so its id cannot be reused) and the versions of x and of the result
-    (bumped by in-place writes), so a tensor changed in place is quantized again."""
-    last = getattr(_last_shared, "entry", None)
-    if (last is not None and last[0] is x and last[1] == x._version and last[2] == quantizer.spec
-            and last[3]._version == last[4]):
-        return last[3]
-    out = quantizer.quantize(x)
-    _last_shared.entry = (x, x._version, quantizer.spec, out, out._version)
-    return out
+    def __call__(self, x: torch.Tensor, *key):
+        entry = getattr(self._local, "entry", None)
+        if (entry is not None and entry[0] is x and entry[1] == x._version and entry[2] == key
+                and getattr(entry[3], "_version", None) == entry[4]):
+            return entry[3]
+        out = self.compute(x, *key)
+        self._local.entry = (x, x._version, key, out, getattr(out, "_version", None))
+        return out
 
 
 def fake_quantize(x: torch.Tensor, spec: QuantSpec, amax: torch.Tensor | None = None) -> torch.Tensor:
@@ -164,6 +167,9 @@ def fake_quantize(x: torch.Tensor, spec: QuantSpec, amax: torch.Tensor | None = 
     if torch.is_grad_enabled() and x.requires_grad:
         return _StraightThrough.apply(x, spec, amax)
     return _fake_quantize(x, spec, amax, want_mask=False)[0]
+
+
+_shared_fake_quantize = SameInputCache(fake_quantize)  # for Quantizer.forward
 
 
 def _fake_quantize(x: torch.Tensor, spec: QuantSpec, amax: torch.Tensor | None, want_mask: bool):

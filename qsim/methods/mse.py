@@ -30,7 +30,7 @@ from dataclasses import replace
 import torch
 
 from ..config import ConfigError
-from ..quantizer import QuantSpec, Quantizer, fake_quantize
+from ..quantizer import QuantSpec, Quantizer, SameInputCache, fake_quantize
 from ..surgery import attention_quantizers, quantization_disabled, quantized_layers
 from . import Method, register
 
@@ -246,18 +246,6 @@ def float_passes(model: torch.nn.Module, calib: torch.Tensor, bar, info: str = "
             handle.remove()
 
 
-class SharedInputCache:
-    """q/k/v (and gate/up) see the same tensor: compute its statistics once."""
-
-    def __init__(self, compute):
-        self.compute, self.last_input, self.last_value = compute, None, None
-
-    def __call__(self, x: torch.Tensor):
-        if x is not self.last_input:
-            self.last_input, self.last_value = x, self.compute(x)
-        return self.last_value
-
-
 def activation_quantizers(model: torch.nn.Module) -> list[tuple[str, Quantizer]]:
     """Every non-weight quantizer: layer inputs and outputs, attention operands."""
     found = []
@@ -286,7 +274,7 @@ def apply(model, calib, cfg, bar):
     targets = [(n, q) for n, q in activation_quantizers(model)
                if q.spec.mode == "static" and not q.spec.is_identity]
     hists = {n: AbsHistogram() for n, _ in targets}
-    counts = SharedInputCache(AbsHistogram.bin_counts)
+    counts = SameInputCache(AbsHistogram.bin_counts)
 
     def observer_for(name):
         return lambda _q, x: hists[name].add_counts(*counts(x))

@@ -33,10 +33,10 @@ import torch
 
 from ..config import ConfigError
 from ..formats import IntFormat
-from ..quantizer import QuantSpec, Quantizer, fake_quantize
+from ..quantizer import QuantSpec, Quantizer, SameInputCache, fake_quantize
 from ..surgery import quantized_layers
 from . import Method, register
-from .mse import SharedInputCache, float_passes
+from .mse import float_passes
 from .smoothquant import features_last, trace_ids, trace_input_groups
 
 
@@ -161,7 +161,7 @@ def collect_channel_ranges(model, names, calib, bar):
     """Per-input-channel (min, max) of each named layer's input on the float model."""
     layers = dict(quantized_layers(model))
     ranges: dict[str, list[torch.Tensor]] = {}
-    stats = SharedInputCache(lambda x: (x.detach().float().reshape(-1, x.shape[-1]).amin(0),
+    stats = SameInputCache(lambda x: (x.detach().float().reshape(-1, x.shape[-1]).amin(0),
                                         x.detach().float().reshape(-1, x.shape[-1]).amax(0)))
 
     def observer_for(name):
