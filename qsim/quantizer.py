@@ -136,8 +136,9 @@ class Quantizer(nn.Module):
         return fake_quantize(x, self.spec, self.amax)
 
     def _shareable(self, x: torch.Tensor) -> bool:
-        """Whether the result depends only on x and the spec (dynamic, deterministic, no autograd)."""
-        return (type(self).quantize is Quantizer.quantize and self.amax is None
+        """Whether the result depends only on x and the spec (dynamic, deterministic, no autograd).
+        Not for weights: layers cache their own, and `.data` writes do not bump a version."""
+        return (type(self).quantize is Quantizer.quantize and self.amax is None and not isinstance(x, nn.Parameter)
                 and self.spec.rounding != "stochastic" and not (x.requires_grad and torch.is_grad_enabled()))
 
 

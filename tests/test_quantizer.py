@@ -383,3 +383,14 @@ def test_equal_dynamic_quantizers_on_one_tensor_share_the_result():
     assert not torch.equal(a(x), b(x))  # independent draws, as without sharing
     xg = x.clone().requires_grad_()
     assert q(xg) is not k(xg)  # autograd: each layer gets its own graph
+
+
+def test_weights_are_not_shared_across_quantizer_calls():
+    """A weight rewritten through .data keeps its version counter: it must be quantized afresh."""
+    spec = QuantSpec("int4", "channel", axis=0)
+    weight = torch.nn.Parameter(torch.randn(8, 64))
+    q = Quantizer(spec)
+    with torch.no_grad():
+        q(weight)
+        weight.data.copy_(torch.randn(8, 64) * 5)
+        assert torch.equal(q(weight), fake_quantize(weight.detach(), spec))

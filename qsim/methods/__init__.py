@@ -21,6 +21,10 @@ from typing import Callable
 METHODS: dict[str, "Method"] = {}
 
 
+class StopForward(Exception):
+    """Raised by a hook once a calibration pass has seen all it needs; the caller catches it."""
+
+
 def _nothing(*_args, **_kwargs):
     return None
 

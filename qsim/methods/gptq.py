@@ -40,7 +40,7 @@ from ..config import ConfigError
 from ..formats import IntFormat
 from ..quantizer import GRANULARITIES, QuantSpec, _dynamic_range, _quantize_view, _static_range
 from ..surgery import QuantHFConv1D, QuantLinear, is_quantized_layer
-from . import Method, register
+from . import Method, StopForward, register
 
 # ---------------------------------------------------------------- the grid, column by column
 
@@ -231,10 +231,6 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
-class _Stop(Exception):
-    pass
-
-
 def _share_equal(value, previous):
     """`value` with tensors equal to the matching ones in `previous` replaced by them (saves memory)."""
     if torch.is_tensor(value) and torch.is_tensor(previous):
@@ -273,7 +269,7 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, calib: torch.
         captured.hidden.append(hidden)
         captured.args.append(rest)
         captured.kwargs.append(kwargs)
-        raise _Stop
+        raise StopForward
 
     device = next(first_block.parameters()).device
     handle = first_block.register_forward_pre_hook(grab, with_kwargs=True)
@@ -281,7 +277,7 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, calib: torch.
         for window in calib:
             try:
                 model(input_ids=window.unsqueeze(0).to(device), use_cache=False)
-            except _Stop:
+            except StopForward:
                 pass
     finally:
         handle.remove()
@@ -344,7 +340,7 @@ def collect_hessians(block: nn.Module, layers: list[tuple[str, nn.Module]], inpu
                 acc.add(output)
             reached.add(name)
             if len(reached) == len(layers):
-                raise _Stop
+                raise StopForward
         return hook
 
     handles = [layer.input_quantizer.register_forward_hook(hook_for(name, layer)) for name, layer in layers]
@@ -358,7 +354,7 @@ def collect_hessians(block: nn.Module, layers: list[tuple[str, nn.Module]], inpu
             reached.clear()
             try:
                 block(hidden, *inputs.args[i], **inputs.kwargs[i])
-            except _Stop:
+            except StopForward:
                 pass
     finally:
         seen.clear()

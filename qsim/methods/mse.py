@@ -32,7 +32,7 @@ import torch
 from ..config import ConfigError
 from ..quantizer import QuantSpec, Quantizer, SameInputCache, fake_quantize
 from ..surgery import attention_quantizers, quantization_disabled, quantized_layers
-from . import Method, register
+from . import Method, StopForward, register
 
 CALIBRATORS = ("mse", "max", "percentile", "entropy")
 
@@ -207,10 +207,6 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-class _HeadReached(Exception):
-    pass
-
-
 def _unobserved_head(model: torch.nn.Module) -> torch.nn.Module | None:
     """The output head (LM head) when no quantizer sits in it: calibration passes stop at its input.
     The LM head is ~20% of SmolLM2's forward; nothing after it is observed."""
@@ -230,7 +226,7 @@ def float_passes(model: torch.nn.Module, calib: torch.Tensor, bar, info: str = "
     head = _unobserved_head(model)
 
     def stop(_module, _args):
-        raise _HeadReached
+        raise StopForward
 
     handle = head.register_forward_pre_hook(stop) if head is not None else None
     try:
@@ -238,7 +234,7 @@ def float_passes(model: torch.nn.Module, calib: torch.Tensor, bar, info: str = "
             for window in calib:
                 try:
                     model(window[None].to(device), use_cache=False)
-                except _HeadReached:
+                except StopForward:
                     pass
                 bar.advance(1, info)
     finally:

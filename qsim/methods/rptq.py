@@ -161,8 +161,7 @@ def collect_channel_ranges(model, names, calib, bar):
     """Per-input-channel (min, max) of each named layer's input on the float model."""
     layers = dict(quantized_layers(model))
     ranges: dict[str, list[torch.Tensor]] = {}
-    stats = SameInputCache(lambda x: (x.detach().float().reshape(-1, x.shape[-1]).amin(0),
-                                        x.detach().float().reshape(-1, x.shape[-1]).amax(0)))
+    stats = SameInputCache(lambda x: torch.aminmax(x.detach().float().reshape(-1, x.shape[-1]), dim=0))
 
     def observer_for(name):
         def observe(_q, x):
