@@ -89,7 +89,8 @@ class Quantizer(nn.Module):
         super().__init__()
         self.spec = spec or QuantSpec()
         self.enabled = True
-        self.amax: torch.Tensor | None = None  # static calibration result (a buffer once set)
+        # Static calibration result: a buffer, so it moves with the model; not in the state_dict.
+        self.register_buffer("amax", None, persistent=False)
         self.version = 0  # bumped on every change; weight caches key on it
         self.observer = None  # when set, forward shows x to it and passes x through
 
@@ -146,12 +147,15 @@ class SameInputCache:
     """compute(x, *key) for the last input, reused when the same tensor comes again unchanged with
     the same key: layers that read one tensor (q/k/v, gate/up) compute it once. The entry holds x
     (so its id cannot be reused) and the version counters of x and of the result (bumped by
-    in-place writes); one entry per thread."""
+    in-place writes); one entry per thread. Under torch.inference_mode nothing is reused:
+    inference tensors have no version counter, so an in-place write could not be noticed."""
 
     def __init__(self, compute):
         self.compute, self._local = compute, threading.local()
 
     def __call__(self, x: torch.Tensor, *key):
+        if torch.is_inference_mode_enabled() or x.is_inference():
+            return self.compute(x, *key)
         entry = getattr(self._local, "entry", None)
         if (entry is not None and entry[0] is x and entry[1] == x._version and entry[2] == key
                 and getattr(entry[3], "_version", None) == entry[4]):

@@ -6,7 +6,9 @@
 - The fake-quantized weight is computed once and cached; the cache key is the
   weight's version counter and storage, plus the quantizer's version, so an
   in-place edit (SmoothQuant, GPTQ) or a new scaling invalidates it. With
-  gradients enabled (QAT) the weight is quantized on each forward with the STE.
+  gradients enabled (QAT) the weight is quantized on each forward with the STE;
+  a weight made under torch.inference_mode (no version counter) is quantized
+  on each forward too.
 - Attention matmuls (Q, K for QK^T; softmax probabilities P and V for PV) are
   quantized by an attention function registered with transformers'
   AttentionInterface as "qsim" and selected on the model config; no attention
@@ -82,9 +84,15 @@ class _QuantMixin:
         if torch.is_grad_enabled() and self.weight.requires_grad:
             return wq(self.weight)  # training: fresh each step, STE backward
         w = self.weight
+        if w.is_inference():  # made under inference_mode: no version counter to key a cache on
+            with torch.no_grad():
+                return wq(w)
         key = (w._version, w.data_ptr(), wq.version, id(wq.spec))
         if key != self._wq_key:
-            with torch.no_grad():
+            # Outside inference_mode even when called inside it: the cached copy is then an ordinary
+            # tensor, which later no_grad and training forwards can use (an inference tensor cannot
+            # be saved for backward).
+            with torch.no_grad(), torch.inference_mode(False):
                 self._wq = wq(w)
             self._wq_key = key
         return self._wq

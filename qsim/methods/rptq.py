@@ -48,16 +48,18 @@ def _sq_dist(x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
 
 def kmeans(points: torch.Tensor, k: int, iters: int, seed: int = 0) -> torch.Tensor:
     """Cluster labels of `points` [n, d] (k-means++ start, Lloyd steps), relabelled
-    so cluster 0 has the smallest centroid span (last - first coordinate: max - min)."""
+    so cluster 0 has the smallest centroid span (last - first coordinate: max - min).
+    Runs on the CPU (a few thousand points, step by step): the seeded draws then give
+    the same clusters whatever device the points are on. Labels come back on it."""
     n = points.shape[0]
     k = max(1, min(k, n))
-    x = points.double()
+    x = points.detach().double().cpu()
     gen = torch.Generator().manual_seed(seed)
-    centres = x[torch.randint(n, (1,), generator=gen)]
+    centres = x[torch.randint(n, (1,), generator=gen, device=x.device)]
     while len(centres) < k:
         d2 = _sq_dist(x, centres).amin(1)
         if float(d2.sum()) == 0:  # fewer distinct points than clusters
-            pick = torch.randint(n, (1,), generator=gen)
+            pick = torch.randint(n, (1,), generator=gen, device=x.device)
         else:
             pick = torch.multinomial(d2 / d2.sum(), 1, generator=gen)
         centres = torch.cat([centres, x[pick]])
@@ -76,9 +78,9 @@ def kmeans(points: torch.Tensor, k: int, iters: int, seed: int = 0) -> torch.Ten
             break
         labels = new
     span = centres[:, -1] - centres[:, 0]
-    rank = torch.empty(k, dtype=torch.long)
-    rank[torch.argsort(span, stable=True)] = torch.arange(k)
-    return rank[labels]
+    rank = torch.empty(k, dtype=torch.long, device=x.device)
+    rank[torch.argsort(span, stable=True)] = torch.arange(k, device=x.device)
+    return rank[labels].to(points.device)
 
 
 # ---------------------------------------------------------------- per-cluster quantization
@@ -128,8 +130,8 @@ class ClusterQuantizer(Quantizer):
 
 def cluster_ranges(ch_min: torch.Tensor, ch_max: torch.Tensor, labels: torch.Tensor, k: int):
     """Per-cluster [min of mins, max of maxes]."""
-    lo = torch.zeros(k).scatter_reduce(0, labels, ch_min.float(), "amin", include_self=False)
-    hi = torch.zeros(k).scatter_reduce(0, labels, ch_max.float(), "amax", include_self=False)
+    lo = ch_min.new_zeros(k, dtype=torch.float32).scatter_reduce(0, labels, ch_min.float(), "amin", include_self=False)
+    hi = ch_max.new_zeros(k, dtype=torch.float32).scatter_reduce(0, labels, ch_max.float(), "amax", include_self=False)
     return lo, hi  # an empty cluster (no channel uses it) keeps 0
 
 
@@ -207,10 +209,10 @@ def apply(model, calib, cfg, bar):
         ch_min, ch_max = ranges[n]
         key = torch.cat([ch_min, ch_max]).cpu().numpy().tobytes()  # q/k/v (gate/up) share one input
         if key not in labels_of:
-            labels_of[key] = kmeans(torch.stack([ch_min, ch_max], 1).cpu(), r.clusters, r.kmeans_iters, seed=cfg.seed)
-        labels = labels_of[key].to(ch_min.device)
+            labels_of[key] = kmeans(torch.stack([ch_min, ch_max], 1), r.clusters, r.kmeans_iters, seed=cfg.seed)
+        labels = labels_of[key]
         k = max(1, min(r.clusters, len(labels)))
-        lo, hi = cluster_ranges(ch_min.float().cpu(), ch_max.float().cpu(), labels.cpu(), k)
+        lo, hi = cluster_ranges(ch_min, ch_max, labels, k)
         spec = layer.input_quantizer.spec
         if n in norm_fed and bits(spec) < 8:
             spec = eight_bit_spec(spec)
@@ -218,8 +220,7 @@ def apply(model, calib, cfg, bar):
         asymmetric = r.asymmetric and isinstance(spec.fmt, IntFormat)
         spec = replace(spec, symmetric=not asymmetric)
         kinds.add("asymmetric (zero point)" if asymmetric else "symmetric")
-        device = ch_min.device
-        layer.input_quantizer = ClusterQuantizer(spec, labels, lo, hi).to(device)
+        layer.input_quantizer = ClusterQuantizer(spec, labels, lo, hi)  # buffers on the input's device
         sizes.append(int(labels.unique().numel()))
     return {
         "clusters": r.clusters,
