@@ -8,6 +8,8 @@ differs from the stored one (`stale_reason`); sweeps never reuse a stale result 
 """
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
 import json
 import os
@@ -41,6 +43,7 @@ DATA_CHANGED = "data changed"
 RECIPE_CHANGED = "identity recipe changed"
 
 
+@functools.lru_cache(maxsize=1)
 def _schema_defaults() -> dict:
     """Every section's dataclass defaults (the group sections too, whose own default is MISSING)."""
     import dataclasses
@@ -118,12 +121,21 @@ def identity_fields(resolved: dict, data: dict) -> dict:
 
 def resolve_now(changes: dict) -> dict:
     """The resolved config that `changes` (config_changes of some run) gives under today's
-    schema and defaults; raises if a key no longer exists."""
-    from omegaconf import OmegaConf
+    schema and defaults; raises KeyError if a key no longer exists."""
+    return _overlay(_schema_defaults(), changes)
 
-    from .config import RunConfig
 
-    return OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(RunConfig), changes), resolve=True)
+def _overlay(defaults: dict, changes: dict, path: tuple = ()) -> dict:
+    out = copy.deepcopy(defaults)
+    for key, value in changes.items():
+        default = defaults.get(key)
+        if isinstance(default, dict) and default and isinstance(value, dict):
+            out[key] = _overlay(default, value, path + (key,))
+        elif key in defaults or defaults == {}:  # an empty default is a free-form dict (quant.overrides)
+            out[key] = copy.deepcopy(value)
+        else:
+            raise KeyError(f"{'.'.join(path + (key,))} is no longer a config key")
+    return out
 
 
 def data_now(data: dict) -> dict:
@@ -186,8 +198,8 @@ def stale_reason(result: dict) -> tuple[str, str] | None:
         return NO_IDENTITY, "result.json has no identity fields"
     try:
         config = resolve_now(result["config_changes"])
-    except Exception as err:  # noqa: BLE001 - any merge error: the config cannot be made today
-        return CONFIG_INVALID, str(err).splitlines()[0]
+    except KeyError as err:
+        return CONFIG_INVALID, str(err.args[0])
     return why_different(result, {"config": config, "data": data_now(result["data"]),
                                   "numerics_version": NUMERICS_VERSION})
 
