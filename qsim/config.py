@@ -8,9 +8,8 @@ from typing import Any, Optional
 
 from omegaconf import MISSING
 
-from .formats import UnknownFormat, get_format
-from .quantizer import GRANULARITIES, SCALE_DTYPES, QuantSpec
-
+# formats and quantizer (torch) are imported where used: `qsim tables` reads the
+# schema's defaults (result identity) without loading torch.
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 ROUNDINGS = ("nearest", "away", "stochastic")
 
@@ -188,6 +187,8 @@ def _choice(what: str, value, valid) -> None:
 
 
 def _check_format(where: str, name: str) -> None:
+    from .formats import UnknownFormat, get_format
+
     try:
         get_format(name)
     except UnknownFormat as err:
@@ -199,6 +200,7 @@ def _check_format(where: str, name: str) -> None:
 def validate(cfg) -> None:
     """Check every name and range; raise ConfigError with the valid choices."""
     from .methods import METHODS
+    from .quantizer import GRANULARITIES, SCALE_DTYPES, QuantSpec
     from .tasks import TASKS
 
     _choice("model source", cfg.model.source, MODEL_SOURCES)
