@@ -337,7 +337,14 @@ def _blocked_view(x: torch.Tensor, spec: QuantSpec):
 def _dynamic_range(view: torch.Tensor, spec: QuantSpec):
     dims = _reduce_dims(view, spec)
     if spec.symmetric:
-        if view.numel() < _LARGE:
+        n = view.shape[-1]
+        if spec.granularity == "block" and n <= 16 and n & (n - 1) == 0 and view.numel() >= _LARGE:
+            # torch reduces a last dim this short slowly; halving it is exact and ~3x faster (NVFP4's 16)
+            amax = view.abs()
+            while amax.shape[-1] > 1:
+                half = amax.shape[-1] // 2
+                amax = torch.maximum(amax[..., :half], amax[..., half:])
+        elif view.numel() < _LARGE:
             amax = view.abs().amax() if dims is None else view.abs().amax(dim=dims, keepdim=True)
         elif dims is None:  # max(max x, -min x): two reads and no |x| temporary
             amax = torch.maximum(view.amax(), -view.amin())

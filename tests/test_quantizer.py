@@ -382,7 +382,8 @@ def test_spec_validation():
 @pytest.mark.parametrize("spec", [
     QuantSpec("int4", "block", block=64, scale_dtype="bf16"), QuantSpec("e2m1", "block", block=48, scale_dtype="e8m0"),
     QuantSpec("e4m3", "token"), QuantSpec("int8", "channel", axis=0), QuantSpec("e4m3", "channel", axis=-1, rounding="away"),
-], ids=lambda s: f"{s.format}-{s.granularity}-{s.axis}")
+    QuantSpec("int4", "block", block=8, scale_dtype="bf16"), QuantSpec("nvfp4"),  # short blocks: amax by halving
+], ids=lambda s: f"{s.format}-{s.granularity}-{s.axis}-{s.block}")
 def test_large_tensors_match_the_same_rows_done_in_small_pieces(spec, monkeypatch):
     import qsim.formats as formats_module
 
