@@ -414,8 +414,8 @@ def _e8m0_scale(amax: torch.Tensor, fmt, rule: str) -> torch.Tensor:
         exponent = e - max_e + (mant > max_mant).to(e.dtype)
     scale = _power_of_two(exponent)
     if frac_bits:
-        scale = scale * 2.0**-frac_bits  # exact: fp32 subnormals reach 2**-149
-    return torch.where(torch.isfinite(amax), scale, torch.full_like(scale, math.nan))
+        scale.mul_(2.0**-frac_bits)  # exact: fp32 subnormals reach 2**-149
+    return scale.add_(amax - amax)  # + 0, or NaN where amax is inf or NaN
 
 
 def _e4m3_scale(amax: torch.Tensor, global_amax: torch.Tensor, fmt) -> torch.Tensor:
@@ -449,7 +449,8 @@ def _quantize_view(view, lo, hi, spec: QuantSpec, fmt, want_mask: bool, global_a
         if spec.two_level:  # a block scale that rounded to 0 decodes its block to 0
             nonzero = scale != 0
             q = fmt.quantize_scaled(xf, torch.where(nonzero, scale, torch.ones_like(scale)))
-            q.mul_(nonzero)  # keeps the sign of zero
+            if not bool(nonzero.all()):
+                q.mul_(nonzero)  # keeps the sign of zero
         else:
             q = fmt.quantize_scaled(xf, scale)  # = fmt.quantize(xf / scale) * scale, in one pass
         inside = None
