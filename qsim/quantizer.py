@@ -31,22 +31,22 @@ mxfp6_e2m3, mxfp4, mxint8, nvfp4) name their element format, block length and
 scale dtype; a spec with one of those names takes them over its own
 granularity, block, scale dtype and symmetry (MX scales are always dynamic).
 Modes: "dynamic" (amax from the tensor) or "static" (an `amax` buffer set by a
-calibrator; with E4M3 scales, the global amax). The backward is the piecewise-linear straight-through estimator
-(INT-FP-QSim Eq. 5): gradient 1 where |x| <= the clip range, 0 outside; scales
+calibrator; with E4M3 scales, the global amax). The backward is the
+piecewise-linear straight-through estimator (INT-FP-QSim Eq. 5): gradient 1
+where |x| <= the clip range, 0 outside; scales
 are treated as constants. The clip range is scale * format max, and never
 below amax for fp32/bf16 scales (whose rounding must not zero the gradient of
 the largest element); E8M0's floor rule clips above it on purpose.
 """
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass, replace
 from functools import cached_property
 
 import torch
 from torch import nn
-
-import math
 
 from .formats import CastFormat, IntFormat, _bits, get_format, round_integer
 
@@ -127,7 +127,7 @@ class QuantSpec:
         if self.scale_dtype == "e4m3" and (self.granularity != "block" or not self.symmetric):
             raise ValueError("e4m3 block scales (NVFP4-style, under a global fp32 scale) need symmetric block scaling")
         if self.scale_format is not None:
-            if self.granularity != "block" or not self.symmetric or self.scale_dtype == "e8m0":
+            if self.granularity != "block" or not self.symmetric or self.scale_dtype not in ("fp32", "bf16"):
                 raise ValueError("scale_format (two-level scales) needs symmetric block scaling with fp32 or bf16 scales")
             if isinstance(self.scale_fmt, CastFormat):
                 raise ValueError(f"scale_format must be an int or minifloat format, got {self.scale_format!r}")
@@ -423,11 +423,9 @@ def _e4m3_scale(amax: torch.Tensor, global_amax: torch.Tensor, fmt) -> torch.Ten
     e4m3(amax / (elem max * s)) (saturating at 448), scale = block scale * s. A global amax of 0
     gives zero scales; a non-finite amax or global amax gives NaN."""
     s = global_amax.float() / (fmt.max * E4M3.max)
-    s = torch.where(torch.isfinite(s), s, torch.full_like(s, math.nan))
     s = torch.where(s == 0, torch.ones_like(s), s)  # every block amax is 0 then: their scales are 0
-    block = E4M3.quantize(amax / (fmt.max * s))
-    block = torch.where(torch.isfinite(amax), block, torch.full_like(block, math.nan))
-    return block * s
+    block = E4M3.quantize(amax / (fmt.max * s)).add_(amax - amax)  # NaN where a block holds inf or NaN
+    return block * s  # an inf s gives 0 * inf = NaN
 
 
 def _two_level(scale: torch.Tensor, scale_fmt) -> torch.Tensor:
