@@ -52,14 +52,16 @@ def build_plan(cfg) -> SurgeryPlan:
     """The quantizer plan from format + quant config, then each method's configure hook."""
     q, f = cfg.quant, cfg.format
 
-    def spec(fmt: str, qc) -> QuantSpec:
+    def spec(fmt: str, qc, global_scale: str = "token") -> QuantSpec:
         return QuantSpec(format=fmt, granularity=qc.granularity, axis=qc.axis, block=qc.block,
-                         scale_dtype=qc.scale_dtype, symmetric=qc.symmetric, rounding=q.rounding)
+                         scale_dtype=qc.scale_dtype, symmetric=qc.symmetric, rounding=q.rounding,
+                         scale_rule=q.scale_rule, global_scale=global_scale)
 
+    # E4M3 (NVFP4) global scales: per tensor for weights, per token for activations (causal)
     act = spec(f.act, q.act)
     attn_base = spec(f.attn or f.act, q.act)
     plan = SurgeryPlan(
-        default=LayerQuant(weight=spec(f.weight, q.weight), act=act, output=spec(f.output, q.act)),
+        default=LayerQuant(weight=spec(f.weight, q.weight, "tensor"), act=act, output=spec(f.output, q.act)),
         attention=attn_base if q.attention else None,
         attention_base=attn_base,
         skip=tuple(q.skip),
@@ -214,7 +216,10 @@ def run(cfg, out_dir: Path) -> dict:
 def _spec_dict(spec: QuantSpec | None):
     if spec is None:
         return None
-    return {k: getattr(spec, k) for k in ("format", "granularity", "axis", "block", "scale_dtype", "scale_format", "mode", "symmetric", "rounding")}
+    out = {k: getattr(spec, k) for k in ("format", "element", "granularity", "axis", "block", "scale_dtype", "scale_format", "mode", "symmetric", "rounding")}
+    out["scale_rule"] = spec.scale_rule if spec.scale_dtype == "e8m0" else None
+    out["global_scale"] = ("static" if spec.mode == "static" else spec.global_scale) if spec.scale_dtype == "e4m3" else None
+    return out
 
 
 def print_summary(result: dict, out_dir: Path) -> None:

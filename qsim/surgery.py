@@ -12,7 +12,8 @@
 - Attention matmuls (Q, K for QK^T; softmax probabilities P and V for PV) are
   quantized by an attention function registered with transformers'
   AttentionInterface as "qsim" and selected on the model config; no attention
-  class is copied. V is scaled along the sequence axis, the reduction axis of PV.
+  class is copied. V is scaled along the sequence axis, the reduction axis of PV
+  (MX/NVFP4 V: blocks along head_dim, so each position's scale is its own).
 """
 from __future__ import annotations
 
@@ -186,6 +187,8 @@ class AttentionQuantizers(nn.Module):
         self.k = Quantizer(_act_spec(spec, -1))
         self.p = Quantizer(_act_spec(spec, -1))
         v_axis = -2 if spec.granularity in ("token", "block") else spec.axis
+        if spec.scaled is not None:  # MX/NVFP4 V: blocks along head_dim, per position (causal)
+            v_axis = -1
         self.v = Quantizer(replace(spec, axis=v_axis))  # PV reduces over the key positions
         self.calls = 0
 
@@ -307,6 +310,13 @@ def _apply_override(spec: LayerQuant, override: dict) -> LayerQuant:
             base = getattr(spec, role)
             changes[role] = replace(base, format=value) if isinstance(value, str) else replace(base, **dict(value))
     return replace(spec, **changes)
+
+
+def role_specs(plan: SurgeryPlan, role: str) -> list[QuantSpec]:
+    """The default spec of a role (weight, act, output) and that of every override setting it:
+    what methods check before surgery."""
+    return [getattr(plan.default, role)] + [getattr(_apply_override(plan.default, o), role)
+                                            for o in plan.overrides.values() if role in o]
 
 
 @torch.no_grad()

@@ -39,7 +39,7 @@ from torch import nn
 from ..config import ConfigError
 from ..formats import IntFormat
 from ..quantizer import GRANULARITIES, QuantSpec, _dynamic_range, _quantize_view, _static_range
-from ..surgery import QuantHFConv1D, QuantLinear, is_quantized_layer
+from ..surgery import QuantHFConv1D, QuantLinear, is_quantized_layer, role_specs
 from . import Method, StopForward, register
 
 # ---------------------------------------------------------------- the grid, column by column
@@ -480,6 +480,8 @@ def configure(plan, cfg):
     # Asymmetric (zero point) only for integer grids and not for ABFP's max scaling.
     symmetric = g.symmetric or abfp_blocks or not isinstance(w.fmt, IntFormat)
     plan.default = replace(plan.default, weight=replace(w, symmetric=symmetric, mode="dynamic"))
+    if any(s.scale_dtype == "e4m3" for s in role_specs(plan, "weight")):
+        raise ValueError("gptq fits one block scale at a time; E4M3 block scales under a global scale (nvfp4) are not supported with it")
 
 
 def validate(cfg):

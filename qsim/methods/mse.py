@@ -31,7 +31,7 @@ import torch
 
 from ..config import ConfigError
 from ..quantizer import QuantSpec, Quantizer, SameInputCache, fake_quantize
-from ..surgery import attention_quantizers, quantization_disabled, quantized_layers
+from ..surgery import attention_quantizers, quantization_disabled, quantized_layers, role_specs
 from . import Method, StopForward, register
 
 CALIBRATORS = ("mse", "max", "percentile", "entropy")
@@ -281,6 +281,13 @@ def configure(plan, cfg):
                            act=_static_tensor(d.act), output=_static_tensor(d.output))
     if cfg.mse.attention or plan.attention is not None:
         plan.attention = _static_tensor(plan.attention or plan.attention_base)
+    # MX operands keep dynamic block scales; NVFP4's global amax is calibrated, but the mse and
+    # entropy scores quantize histogram points, which have no blocks.
+    static_e4m3 = [s for s in role_specs(plan, "act") + role_specs(plan, "output") + [plan.attention]
+                   if s is not None and s.scale_dtype == "e4m3" and s.mode == "static"]
+    if static_e4m3 and cfg.mse.calibrator in ("mse", "entropy"):
+        raise ValueError(f"mse.calibrator={cfg.mse.calibrator} cannot score the global amax of {static_e4m3[0].format} "
+                         "(E4M3 block scales): use mse.calibrator=max (ModelOpt's) or percentile")
 
 
 def collect_histograms(model, targets: list[tuple[str, Quantizer]], calib: torch.Tensor, bar) -> dict[str, AbsHistogram]:

@@ -34,7 +34,7 @@ import torch
 from ..config import ConfigError
 from ..formats import IntFormat
 from ..quantizer import QuantSpec, Quantizer, SameInputCache, fake_quantize
-from ..surgery import quantized_layers
+from ..surgery import quantized_layers, role_specs
 from . import Method, register
 from .mse import float_passes
 from .smoothquant import features_last, trace_ids, trace_input_groups
@@ -154,6 +154,9 @@ def bits(spec: QuantSpec) -> int:
 def configure(plan, cfg):
     # Symmetry is chosen per layer in apply (a per-layer override may pick a minifloat).
     d = plan.default
+    scaled = [s.format for s in role_specs(plan, "act") if s.scaled is not None]
+    if scaled:
+        raise ValueError(f"rptq scales activation channel clusters; {scaled[0]} carries its own block scales")
     act = d.act if d.act.is_identity else replace(d.act, granularity="channel", axis=-1, mode="static")
     plan.default = replace(d, weight=replace(d.weight, granularity="channel", mode="dynamic"), act=act)
 
