@@ -127,7 +127,7 @@ def quantizer_input():
 def quantizer_pins() -> dict[str, str]:
     import torch
 
-    from .quantizer import GRANULARITIES, SCALE_DTYPES, QuantSpec, fake_quantize
+    from .quantizer import GRANULARITIES, SCALE_DTYPES, SCALED_FORMATS, QuantSpec, fake_quantize
 
     x = quantizer_input()
     out = {}
@@ -135,7 +135,10 @@ def quantizer_pins() -> dict[str, str]:
         for granularity in GRANULARITIES:
             for scale_dtype in SCALE_DTYPES:
                 for symmetric in ((True, False) if fmt.startswith("int") else (True,)):
-                    spec = QuantSpec(fmt, granularity, block=32, scale_dtype=scale_dtype, symmetric=symmetric)
+                    try:
+                        spec = QuantSpec(fmt, granularity, block=32, scale_dtype=scale_dtype, symmetric=symmetric)
+                    except ValueError:  # a combination the quantizer refuses (e4m3 scales need symmetric blocks)
+                        continue
                     key = f"quantizer/{fmt}/{granularity}/{scale_dtype}/{'sym' if symmetric else 'asym'}"
                     out[key] = _digest(fake_quantize(x, spec))
         static = QuantSpec(fmt, "tensor", mode="static")
@@ -143,6 +146,10 @@ def quantizer_pins() -> dict[str, str]:
         for scale_format in ("int8", "e4m3"):
             spec = QuantSpec(fmt, "block", block=32, scale_dtype="bf16", scale_format=scale_format)
             out[f"quantizer/{fmt}/block/bf16/two-level-{scale_format}"] = _digest(fake_quantize(x, spec))
+    for name in SCALED_FORMATS:
+        for variant in ({"scale_rule": "floor"}, {"scale_rule": "ceil"}, {"global_scale": "tensor"}):
+            spec = QuantSpec(name, **variant)
+            out[f"quantizer/{name}/" + "/".join(f"{k}={v}" for k, v in variant.items())] = _digest(fake_quantize(x, spec))
     return out
 
 
