@@ -10,6 +10,7 @@ from omegaconf import MISSING
 
 from .formats import UnknownFormat, get_format
 from .quantizer import GRANULARITIES, SCALE_DTYPES, QuantSpec
+from .surgery import V_AXES
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 ROUNDINGS = ("nearest", "away", "stochastic")
@@ -57,6 +58,8 @@ class QuantConfig:
     act: QuantizerConfig = field(default_factory=lambda: QuantizerConfig(granularity="token"))
     rounding: str = "nearest"
     attention: bool = False
+    v_axis: str = "head_dim"  # attention V scaled per token along head_dim (causal), or along seq
+    causal: bool = True  # false: allow scales that see later tokens or other samples (result says causal: false)
     skip: list[str] = field(default_factory=lambda: ["lm_head", "*embed*", "*project_in", "*project_out"])
     overrides: dict[str, Any] = field(default_factory=dict)
 
@@ -217,6 +220,7 @@ def validate(cfg) -> None:
         if q.block < 1:
             raise ConfigError(f"quant.{role}.block must be >= 1, got {q.block}")
     _choice("quant.rounding", cfg.quant.rounding, ROUNDINGS)
+    _choice("quant.v_axis", cfg.quant.v_axis, V_AXES)
     for pattern, override in (cfg.quant.overrides or {}).items():
         if not hasattr(override, "keys"):
             raise ConfigError(f"quant.overrides[{pattern!r}] must map weight/act/output to a format")

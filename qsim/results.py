@@ -13,8 +13,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULT_FILE = "result.json"
 
 
-# Keys that cannot change a result (display, device placement).
-NON_SEMANTIC = {("progress",), ("model", "device_map")}
+# Keys that cannot change a result (display, device placement; quant.causal only permits a
+# non-causal plan, whose result records causal: false itself).
+NON_SEMANTIC = {("progress",), ("model", "device_map"), ("quant", "causal")}
 
 
 def _schema_defaults() -> dict:
