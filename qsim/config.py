@@ -223,6 +223,7 @@ def validate(cfg) -> None:
         if q.block < 1:
             raise ConfigError(f"quant.{role}.block must be >= 1, got {q.block}")
     _choice("quant.rounding", cfg.quant.rounding, ROUNDINGS)
+    _choice("quant.scale_rule", cfg.quant.scale_rule, SCALE_RULES)
     _choice("quant.v_axis", cfg.quant.v_axis, V_AXES)
     for pattern, override in (cfg.quant.overrides or {}).items():
         if not hasattr(override, "keys"):
