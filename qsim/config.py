@@ -11,7 +11,9 @@ from omegaconf import MISSING
 from .formats import UnknownFormat, get_format
 from .quantizer import GRANULARITIES, SCALE_DTYPES, QuantSpec
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# The repo's conf/, beside the code: qsim/conf is a symlink to it in a checkout and a copy
+# (package data) in an installed wheel, so one path serves every install.
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 ROUNDINGS = ("nearest", "away", "stochastic")
 
 

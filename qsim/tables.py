@@ -28,10 +28,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from .results import REPO_ROOT, load_results
+from .results import load_results
 
-PAPER_CSV = REPO_ROOT / "results" / "paper" / "int_fp_qsim_tables.csv"
-MODEL_CONF_DIR = REPO_ROOT / "conf" / "model"
+# results/paper/ and conf/, beside the code (symlinks in a checkout, package data in a wheel)
+PAPER_CSV = Path(__file__).resolve().parent / "paper" / "int_fp_qsim_tables.csv"
+MODEL_CONF_DIR = Path(__file__).resolve().parent / "conf" / "model"
 
 TABLES = ("I", "II", "III", "IV", "V", "VI", "VII", "VIII", "X")
 ARABIC = {"I": 1, "II": 2, "III": 3, "IV": 4, "V": 5, "VI": 6, "VII": 7, "VIII": 8, "IX": 9, "X": 10}
