@@ -8,6 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from conftest import cfg, pinned
+from qsim.run import run
+
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = {"conf": REPO / "conf", "paper": REPO / "results" / "paper"}  # qsim/<name> -> repo folder
 NOT_SOURCE = {".git", ".venv", "build", "dist", ".pytest_cache", ".benchmarks", "__pycache__"}
@@ -55,17 +60,23 @@ def test_wheel_install_runs_from_another_directory(tmp_path):
     formats = call(venv / "bin" / "qsim", "formats")
     assert " e4m3 " in formats and " 448 " in formats
 
-    # a one-job sweep of the smoke experiment (conf/experiment/): the tiny OPT, one window of 64 tokens
-    call(venv / "bin" / "qsim", "run", "-m", "+experiment=smoke", "format=w4a8", "method=none",
-         "task.max_windows=1", "progress=false")
-    [path] = list((elsewhere / "results").rglob("result.json"))
-    result = json.loads(path.read_text())
-    assert result["model"] == "tiny-opt" and result["tokens_evaluated"] == 64
-    assert result["versions"]["git"] is None  # an installed wheel has no git sha
-    # the same number as the checkout gives (tests/test_cli.py pins it too); rel 1e-4: see test_cli.py
-    assert abs(result["value"] - TINY_OPT_W4A8_PPL) / TINY_OPT_W4A8_PPL < 1e-4, result["value"]
+    # a one-job sweep of the smoke experiment (conf/experiment/), then the same job as a plain run:
+    # the tiny OPT, W4A8, one window of 64 tokens
+    qsim = venv / "bin" / "qsim"
+    call(qsim, "run", "-m", "+experiment=smoke", "format=w4a8", "method=none", "task.max_windows=1", "progress=false")
+    call(qsim, "run", "model=tiny-opt", "format=w4a8", "task.seq_len=64", "task.max_windows=1", "progress=false")
+    results = [json.loads(p.read_text()) for p in (elsewhere / "results").rglob("result.json")]
+    assert len(results) == 2 and {r["model"] for r in results} == {"tiny-opt"}
+    assert all(r["tokens_evaluated"] == 64 and r["versions"]["git"] is None for r in results)  # a wheel: no git sha
+    # the checkout's number, and the pinned one
+    checkout = run(cfg("model=tiny-opt", "format=w4a8", "task.seq_len=64", "task.max_windows=1", "progress=false"),
+                   tmp_path / "checkout")
+    for result in results:
+        assert result["config_hash"] == checkout["config_hash"]
+        assert result["value"] == pytest.approx(checkout["value"], rel=1e-6)
+        assert pinned(result["value"], TINY_OPT_W4A8_PPL), result["value"]
 
-    tables = call(venv / "bin" / "qsim", "tables")
+    tables = call(qsim, "tables")
     assert "Table II     0/16 paper cells ours" in tables  # the paper's 16 cells: its CSV was found
 
 
