@@ -84,6 +84,19 @@ class MseConfig:
 
 
 @dataclass
+class MofqConfig:
+    # per layer, weight and input formats are chosen among the candidates of the layer's bit width
+    candidates: list[str] = field(default_factory=lambda: ["int4", "e2m1", "int8", "e4m3"])
+    metric: str = "mse"  # mse: the tensor's own error (MoFQ) | output: the layer output's error
+
+
+@dataclass
+class SensitivityConfig:
+    windows: int = 4  # calibration windows (calib.dataset, calib.seq_len) the loss is measured on
+    top: int = 10  # layers printed
+
+
+@dataclass
 class SmoothQuantConfig:
     alpha: float = 0.5
     scope: str = "norm"  # norm: linears reading a norm's output or sharing one input (q/k/v), as the reference; all: every linear
@@ -150,6 +163,8 @@ class RunConfig:
     calib: CalibConfig = field(default_factory=CalibConfig)
     abfp: AbfpConfig = field(default_factory=AbfpConfig)
     mse: MseConfig = field(default_factory=MseConfig)
+    mofq: MofqConfig = field(default_factory=MofqConfig)
+    sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
     smoothquant: SmoothQuantConfig = field(default_factory=SmoothQuantConfig)
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
     rptq: RPTQConfig = field(default_factory=RPTQConfig)
