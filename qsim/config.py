@@ -94,6 +94,7 @@ class MofqConfig:
 class SensitivityConfig:
     windows: int = 4  # calibration windows (calib.dataset, calib.seq_len) the loss is measured on
     top: int = 10  # layers printed
+    units: list[str] = field(default_factory=lambda: ["*"])  # fnmatch patterns of the layers / attention sites measured
 
 
 @dataclass
