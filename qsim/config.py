@@ -91,6 +91,18 @@ class MofqConfig:
 
 
 @dataclass
+class FptConfig:
+    # formats searched per operand among those of the layer's bit width (FP4: E2M1, E1M2, E3M0; FP8: E4M3, E5M2, E3M4)
+    candidates: list[str] = field(default_factory=lambda: ["e2m1", "e1m2", "e3m0", "e4m3", "e5m2", "e3m4"])
+    rounds: int = 3
+    steps: int = 100  # max candidates, evenly over [gamma1, gamma2] x max|tensor| (plus the max itself)
+    gamma1: float = 0.01
+    gamma2: float = 1.2
+    preshift: bool = False  # pre-shifted per-channel exponent bias: not implemented (true is a config error)
+    max_tokens: int = 4096  # calibration tokens per layer the search scores (first ones)
+
+
+@dataclass
 class SensitivityConfig:
     windows: int = 4  # calibration windows (calib.dataset, calib.seq_len) the loss is measured on
     top: int = 10  # layers printed
@@ -165,6 +177,7 @@ class RunConfig:
     abfp: AbfpConfig = field(default_factory=AbfpConfig)
     mse: MseConfig = field(default_factory=MseConfig)
     mofq: MofqConfig = field(default_factory=MofqConfig)
+    fpt: FptConfig = field(default_factory=FptConfig)
     sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
     smoothquant: SmoothQuantConfig = field(default_factory=SmoothQuantConfig)
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
