@@ -186,7 +186,8 @@ def cmd_sensitivity(args: list[str]) -> None:
     write_json_atomic(out_dir / "sensitivity.json", {
         **out, "windows": len(windows), "seq_len": int(windows.shape[1]), "methods": facts,
         "timings": {"measure": seconds, "total": round(time.time() - t0, 1)}, "versions": versions(),
-        "config": OmegaConf.to_container(cfg, resolve=True), **run_identity(cfg)})
+        "config": OmegaConf.to_container(cfg, resolve=True), **run_identity(cfg),
+        "windows_data": data.data_identity(cfg.calib.dataset, cfg.calib.split)})
     table = Table(title=f"sensitivity: {title} ({len(windows)} windows x {windows.shape[1]}, {seconds} s)")
     for col in ("rank", "unit", "kind", "only (loss - float)", "all but (all-quant - loss)"):
         table.add_column(col, justify="left" if col in ("unit", "kind") else "right", no_wrap=col == "unit")
