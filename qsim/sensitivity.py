@@ -10,11 +10,13 @@ then the mean next-token loss on `sensitivity.windows` calibration windows
   i.e. what leaving that unit in float recovers).
 A unit is a layer's input, weight and output quantizers, or an attention site's
 four operand quantizers; units are toggled by `Quantizer.enabled` (weights keep
-their cached quantized copy, nothing is frozen). Writes sensitivity.csv,
+their cached quantized copy, nothing is frozen). The decoder blocks before a unit's
+block are replayed from their stored outputs (`PrefixCache`), not recomputed. Writes sensitivity.csv,
 sensitivity.png and sensitivity.json into the run folder and prints the top units.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import fnmatch
 import math
@@ -43,12 +45,69 @@ def sensitivity_units(model, patterns=("*",)) -> list[tuple[str, str, list[Quant
     return [u for u in units if any(fnmatch.fnmatchcase(u[0], p) for p in patterns)]
 
 
+class PrefixCache:
+    """Outputs of the decoder blocks, per window, in the float and in the all-quantized state.
+    A unit in block i changes nothing before block i: with only it quantized, blocks 0..i-1 are
+    float; with all but it, they are all quantized. Their outputs are replayed from this cache
+    (each block's forward returns the stored output of the same window), so only blocks i.. run."""
+
+    def __init__(self, model):
+        self.prefix, self.blocks = _decoder_blocks(model)
+        self.outputs = {}  # state -> [block][window] -> the block's output
+        self.window = 0
+
+    def block_of(self, unit: str) -> int:
+        if self.blocks is None:
+            return 0
+        rest = unit[len(self.prefix) + 1:] if unit.startswith(self.prefix + ".") else ""
+        head = rest.split(".", 1)[0]
+        return int(head) if head.isdigit() else 0
+
+    @contextlib.contextmanager
+    def record(self, state: str):
+        if self.blocks is None:
+            yield
+            return
+        store = self.outputs[state] = [[] for _ in self.blocks]
+        handles = [b.register_forward_hook(lambda _m, _a, out, j=j: store[j].append(out)) for j, b in enumerate(self.blocks)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    @contextlib.contextmanager
+    def replay(self, state: str, upto: int):
+        """Blocks 0..upto-1 return their stored outputs of `state`."""
+        stubbed = [] if self.blocks is None else list(self.blocks)[:upto]
+        for j, block in enumerate(stubbed):
+            block.forward = lambda *_a, j=j, **_k: self.outputs[state][j][self.window]
+        try:
+            yield
+        finally:
+            for block in stubbed:
+                del block.forward
+
+
+def _decoder_blocks(model):
+    """(name, ModuleList) of the decoder blocks: the longest ModuleList whose entries hold quantized layers."""
+    best = (None, None)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 1 and all(
+                any(isinstance(m, Quantizer) for m in child.modules()) for child in module):
+            if best[1] is None or len(module) > len(best[1]):
+                best = (name, module)
+    return best
+
+
 @torch.no_grad()
-def mean_loss(model, windows: torch.Tensor) -> float:
+def mean_loss(model, windows: torch.Tensor, cache: PrefixCache | None = None) -> float:
     """Mean next-token NLL over the windows (one forward each)."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for w in windows:
+    for i, w in enumerate(windows):
+        if cache is not None:
+            cache.window = i
         ids = w[None].to(device)
         logits = model(input_ids=ids, use_cache=False).logits
         total += float(F.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum"))
@@ -61,33 +120,40 @@ def _set(quantizers, on: bool) -> None:
         q.enabled = on
 
 
-def measure(model, windows: torch.Tensor, bar=None, patterns=("*",)) -> dict:
+def measure(model, windows: torch.Tensor, bar=None, patterns=("*",), prefix_cache: bool = True) -> dict:
     """The two baselines and, per unit (those matching `patterns`), the `only` and `all_but` loss changes."""
     every = [q for _, _, qs in sensitivity_units(model) for q in qs]
     units = sensitivity_units(model, patterns)
     if not units:
         raise ValueError(f"no active quantizer in a unit matching {list(patterns)}: nothing to measure")
+    cache = PrefixCache(model)
+    if not prefix_cache:
+        cache.blocks = None
     if bar is not None:
         bar.start(2 * len(units) + 2)
-    _set(every, False)
-    loss_float = mean_loss(model, windows)
-    if bar is not None:
-        bar.advance(1, "float")
     rows = []
     try:
+        _set(every, False)
+        with cache.record("float"):
+            loss_float = mean_loss(model, windows, cache)
+        if bar is not None:
+            bar.advance(1, "float")
         for name, kind, qs in units:
             _set(qs, True)
-            rows.append({"unit": name, "kind": kind, "loss_only": mean_loss(model, windows)})
+            with cache.replay("float", cache.block_of(name)):
+                rows.append({"unit": name, "kind": kind, "loss_only": mean_loss(model, windows, cache)})
             _set(qs, False)
             if bar is not None:
                 bar.advance(1, f"only {name}")
         _set(every, True)
-        loss_quant = mean_loss(model, windows)
+        with cache.record("quantized"):
+            loss_quant = mean_loss(model, windows, cache)
         if bar is not None:
             bar.advance(1, "all quantized")
         for row, (name, _, qs) in zip(rows, units):
             _set(qs, False)
-            row["loss_all_but"] = mean_loss(model, windows)
+            with cache.replay("quantized", cache.block_of(name)):
+                row["loss_all_but"] = mean_loss(model, windows, cache)
             _set(qs, True)
             if bar is not None:
                 bar.advance(1, f"all but {name}")

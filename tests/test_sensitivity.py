@@ -12,7 +12,7 @@ from qsim import data
 from qsim.models import ByteTokenizer
 from qsim.pins import tiny_model
 from qsim.run import build_plan
-from qsim.sensitivity import mean_loss, measure, sensitivity_units
+from qsim.sensitivity import PrefixCache, mean_loss, measure, sensitivity_units
 from qsim.surgery import all_quantizers, quantize_model
 
 
@@ -77,3 +77,19 @@ def test_sensitivity_cli_writes_csv_png_and_top(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "qsim.cli", "sensitivity", "model=tiny-opt", "format=w9"],
                          capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "unknown format" in bad.stderr
+
+
+def test_prefix_cache_gives_the_same_numbers(one_thread):
+    """Replaying the blocks before a unit's block from stored outputs changes no number."""
+    model = tiny_model("tiny-llama")
+    quantize_model(model, build_plan(cfg("format=w4a4", "method=abfp")))
+    windows = data.calibration_windows(ByteTokenizer(), "ptb", "test", 2, 32, 0)
+    cache = PrefixCache(model)
+    assert cache.prefix == "model.layers" and cache.block_of("model.layers.1.mlp.up_proj") == 1
+    cached = measure(model, windows, prefix_cache=True)
+    plain = measure(model, windows, prefix_cache=False)
+    assert [r["unit"] for r in cached["units"]] == [r["unit"] for r in plain["units"]]
+    for a, b in zip(cached["units"], plain["units"]):
+        assert a["loss_only"] == pytest.approx(b["loss_only"], rel=1e-9, abs=0)
+        assert a["loss_all_but"] == pytest.approx(b["loss_all_but"], rel=1e-9, abs=0)
+    assert not any("forward" in vars(m) for m in model.modules())  # every stub removed
