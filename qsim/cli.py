@@ -15,6 +15,12 @@ USAGE = """usage: qsim <command> [args]
 commands:
   run [-m] [key=value ...]   quantize, calibrate and evaluate (Hydra overrides; -m sweeps)
   formats                    list the registered number formats
+  export-overrides RESULT.json
+                             print a run's per-layer formats (mofq) as a quant.overrides file:
+                             `> conf/overrides/my.yaml`, then `qsim run +overrides=my ...`
+  sensitivity [key=value ...]
+                             per layer: the loss change of quantizing only it, and of
+                             quantizing all but it (CSV, PNG, top layers)
   tables [--results DIR] [--out DIR]
                              rebuild the paper's tables and figures from the results
                              (Markdown, CSV, PNG in results/tables/); never runs a model
@@ -38,11 +44,17 @@ def main(argv: list[str] | None = None) -> None:
         return cmd_run(rest)
     if command == "formats":
         return cmd_formats()
+    if command == "export-overrides":
+        return cmd_export_overrides(rest)
+    if command == "sensitivity":
+        from .sensitivity import cmd_sensitivity
+
+        return cmd_sensitivity(rest)
     if command == "tables":
         from .tables import cmd_tables
 
         return cmd_tables(rest)
-    fail(f"unknown command {command!r}; valid: run, formats, tables")
+    fail(f"unknown command {command!r}; valid: run, formats, export-overrides, sensitivity, tables")
 
 
 # ---------------------------------------------------------------- formats
@@ -69,6 +81,39 @@ def cmd_formats() -> None:
         scale = "E8M0" if f.scale_dtype == "e8m0" else "E4M3 x fp32 per tensor/token"
         scaled.add_row(name, f.element, str(f.block), scale, f"{f.bits_per_element:g}")
     Console().print(scaled)
+
+
+# ---------------------------------------------------------------- export-overrides
+
+def overrides_yaml(result: dict) -> str:
+    """The per-layer formats a run chose (its mofq stage) as a Hydra config for quant.overrides:
+    one exact layer name per entry, so a later run puts the same format on each layer."""
+    from omegaconf import OmegaConf
+
+    chosen = result.get("methods", {}).get("mofq", {}).get("layers")
+    if not chosen:
+        raise ValueError("the result has no per-layer formats (methods.mofq.layers): it was not a mofq run")
+    overrides = {name: {role: c["format"] for role, c in roles.items()} for name, roles in chosen.items()}
+    header = (f"# @package quant.overrides\n# per-layer formats chosen by mofq in result {result.get('identity')} "
+              f"({result.get('model')}, W {result['formats']['weight']} / A {result['formats']['act']}, "
+              f"steps {result.get('steps')}); load with `qsim run +overrides=<this file's name> ...`\n")
+    return header + OmegaConf.to_yaml(OmegaConf.create(overrides))
+
+
+def cmd_export_overrides(args: list[str]) -> None:
+    import json
+
+    if len(args) != 1:
+        fail("usage: qsim export-overrides RESULT.json > conf/overrides/NAME.yaml")
+    path = Path(args[0])
+    if path.is_dir():
+        path = path / "result.json"
+    try:
+        result = json.loads(path.read_text())
+        text = overrides_yaml(result)
+    except (OSError, ValueError) as err:
+        fail(f"{path}: {err}")
+    sys.stdout.write(text)
 
 
 # ---------------------------------------------------------------- run

@@ -90,6 +90,32 @@ class MseConfig:
 
 
 @dataclass
+class MofqConfig:
+    # per layer, weight and input formats are chosen among the candidates of the layer's bit width
+    candidates: list[str] = field(default_factory=lambda: ["int4", "e2m1", "int8", "e4m3"])
+    metric: str = "mse"  # mse: the tensor's own error (MoFQ) | output: the layer output's error
+
+
+@dataclass
+class FptConfig:
+    # formats searched per operand among those of the layer's bit width (FP4: E2M1, E1M2, E3M0; FP8: E4M3, E5M2, E3M4)
+    candidates: list[str] = field(default_factory=lambda: ["e2m1", "e1m2", "e3m0", "e4m3", "e5m2", "e3m4"])
+    rounds: int = 3
+    steps: int = 100  # max candidates, evenly over [gamma1, gamma2] x max|tensor| (plus the max itself)
+    gamma1: float = 0.01
+    gamma2: float = 1.2
+    preshift: bool = False  # pre-shifted per-channel exponent bias: not implemented (true is a config error)
+    max_tokens: int = 4096  # calibration tokens per layer the search scores (first ones)
+
+
+@dataclass
+class SensitivityConfig:
+    windows: int = 4  # calibration windows (calib.dataset, calib.seq_len) the loss is measured on
+    top: int = 10  # layers printed
+    units: list[str] = field(default_factory=lambda: ["*"])  # fnmatch patterns of the layers / attention sites measured
+
+
+@dataclass
 class SmoothQuantConfig:
     alpha: float = 0.5
     scope: str = "norm"  # norm: linears reading a norm's output or sharing one input (q/k/v), as the reference; all: every linear
@@ -156,6 +182,9 @@ class RunConfig:
     calib: CalibConfig = field(default_factory=CalibConfig)
     abfp: AbfpConfig = field(default_factory=AbfpConfig)
     mse: MseConfig = field(default_factory=MseConfig)
+    mofq: MofqConfig = field(default_factory=MofqConfig)
+    fpt: FptConfig = field(default_factory=FptConfig)
+    sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
     smoothquant: SmoothQuantConfig = field(default_factory=SmoothQuantConfig)
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
     rptq: RPTQConfig = field(default_factory=RPTQConfig)
