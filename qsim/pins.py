@@ -44,7 +44,7 @@ REL_TOL = 1e-5
 INIT_STD = 0.2
 PIN_MODELS = ("tiny-opt", "tiny-llama")
 # A method preset's run: small enough for a test, every stage still doing its work.
-METHOD_OVERRIDES = ["model=tiny-opt", "format=w4a4", "progress=false", "calib.n_samples=2", "calib.seq_len=32",
+METHOD_OVERRIDES = ["model=tiny-opt", "format=w4a4", "progress=false", "task.seq_len=64", "calib.n_samples=2", "calib.seq_len=32",
                     "qat.steps=2", "qat.seq_len=32", "qat.lr=1e-3", "qat.dataset=ptb", "qat.split=test"]
 EVAL_WINDOWS, EVAL_SEQ_LEN = 2, 64
 BUMP_HINT = ("If this change is intended, bump NUMERICS_VERSION in qsim/__init__.py and run "
