@@ -25,6 +25,27 @@ class StopForward(Exception):
     """Raised by a hook once a calibration pass has seen all it needs; the caller catches it."""
 
 
+class MethodError(RuntimeError):
+    """A stage cannot do what was asked on this model (nothing to smooth, calibrate, round or train):
+    one line, and the run stops instead of reporting a number the stage did not shape."""
+
+
+def quantizes(cfg, role: str) -> bool:
+    """Whether the run quantizes some layer's `role` (weight | act | output): the format's or an override's."""
+    from ..quantizer import QuantSpec
+
+    def real(name) -> bool:
+        return not QuantSpec(format=name).is_identity
+
+    if real(getattr(cfg.format, role)):
+        return True
+    for override in (cfg.quant.overrides or {}).values():
+        value = override.get(role) if hasattr(override, "get") else None
+        if value is not None and real(value if isinstance(value, str) else value.get("format", "fp32")):
+            return True
+    return False
+
+
 def _nothing(*_args, **_kwargs):
     return None
 

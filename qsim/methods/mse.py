@@ -21,6 +21,11 @@ Statistics are a histogram of |x| per quantizer with 64 bins per octave over
 is fixed, outliers are kept exactly, and bins are far finer than the
 quantization step near zero, where a linear histogram would lump the bulk of
 the values into a few bins.
+
+A quantizer the calibration windows never reach keeps dynamic per-tensor
+scaling, and one that saw only zeros gets amax 1; both are listed in the facts.
+A run with no activation quantizer to calibrate is a config error, and one
+where no quantizer saw data, an error.
 """
 from __future__ import annotations
 
@@ -31,8 +36,8 @@ import torch
 
 from ..config import ConfigError
 from ..quantizer import QuantSpec, Quantizer, SameInputCache, fake_quantize
-from ..surgery import attention_quantizers, quantization_disabled, quantized_layers
-from . import Method, StopForward, register
+from ..surgery import attention_quantizers, compact_names, quantization_disabled, quantized_layers
+from . import Method, MethodError, StopForward, quantizes, register
 
 CALIBRATORS = ("mse", "max", "percentile", "entropy")
 
@@ -269,6 +274,8 @@ def configure(plan, cfg):
 def apply(model, calib, cfg, bar):
     targets = [(n, q) for n, q in activation_quantizers(model)
                if q.spec.mode == "static" and not q.spec.is_identity]
+    if not targets:
+        raise MethodError("mse: no static activation quantizer to calibrate (every activation format is fp32)")
     hists = {n: AbsHistogram() for n, _ in targets}
     counts = SameInputCache(AbsHistogram.bin_counts)
 
@@ -282,7 +289,7 @@ def apply(model, calib, cfg, bar):
     finally:
         for _, q in targets:
             q.observer = None
-    amaxes, unseen = {}, []
+    amaxes, unseen, zeros = {}, [], []
     for name, q in targets:
         h = hists[name]
         if h.total == 0:  # never reached by the calibration text: keep a usable dynamic range
@@ -290,14 +297,19 @@ def apply(model, calib, cfg, bar):
             unseen.append(name)
             continue
         amax = choose_amax(h, q.spec, cfg.mse)
+        if amax <= 0:  # saw only zeros: any range quantizes them exactly
+            zeros.append(name)
         q.set_amax(torch.tensor(amax if amax > 0 else 1.0))
         amaxes[name] = amax
+    if not amaxes:
+        raise MethodError(f"mse: none of the {len(targets)} activation quantizers saw calibration data")
     values = sorted(amaxes.values())
     facts = {
         "calibrator": cfg.mse.calibrator,
         "calibrated": len(amaxes),
         "attention_calibrated": sum(1 for n in amaxes if n.rsplit(".", 1)[-1] in ("q", "k", "v", "p")),
-        "dynamic_fallback": unseen,
+        "dynamic_fallback": compact_names(unseen),  # never reached: dynamic per-tensor scaling
+        "zero_inputs": compact_names(zeros),  # saw only zeros: amax 1
         "calib_windows": len(calib),
         "calib_tokens": int(calib.numel()),
     }
@@ -314,6 +326,9 @@ def validate(cfg):
         raise ConfigError(f"mse.percentile must be in (0, 100], got {m.percentile}")
     if m.candidates < 2:
         raise ConfigError(f"mse.candidates must be >= 2, got {m.candidates}")
+    attention = (m.attention or cfg.quant.attention) and not QuantSpec(format=cfg.format.attn or cfg.format.act).is_identity
+    if not (quantizes(cfg, "act") or quantizes(cfg, "output") or attention):
+        raise ConfigError("mse calibrates activation ranges, but every activation format is fp32 (nothing to calibrate)")
 
 
 register(Method("mse", configure=configure, apply=apply, validate=validate, needs_calibration=True))

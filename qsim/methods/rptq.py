@@ -24,6 +24,11 @@ With rptq.norm_out_8bit the inputs produced by a norm (q/k/v, fc1, gate/up)
 use an 8-bit format (int8, or e4m3 for minifloat activations), as the
 reference does even in W4A4. Attention matmul operands, when quantized, keep
 the plan's (dynamic) scaling; the reference also reorders Q/K (not done here).
+Inputs that cannot be clustered (convolutions: channels first; inputs never
+reached by the calibration windows) are quantized per token, dynamically, and
+listed with their reason in the facts (`dynamic_fallback`). A run whose format
+does not quantize activations is a config error; one where no layer could be
+clustered, an error.
 """
 from __future__ import annotations
 
@@ -34,8 +39,8 @@ import torch
 from ..config import ConfigError
 from ..formats import IntFormat
 from ..quantizer import QuantSpec, Quantizer, SameInputCache, fake_quantize
-from ..surgery import quantized_layers
-from . import Method, register
+from ..surgery import compact_names, quantized_layers
+from . import Method, MethodError, quantizes, register
 from .mse import float_passes
 from .smoothquant import features_last, trace_ids, trace_input_groups
 
@@ -186,8 +191,11 @@ def apply(model, calib, cfg, bar):
     r = cfg.rptq
     layers = dict(quantized_layers(model))
     active = [n for n, m in layers.items() if not m.input_quantizer.spec.is_identity]
+    if not active:
+        raise MethodError("rptq: no quantized layer quantizes its input (every input format is fp32)")
     names = [n for n in active if features_last(layers[n])]
-    for n in set(active) - set(names):  # channels-first inputs (convolutions): per-token dynamic instead
+    channels_first = [n for n in active if not features_last(layers[n])]
+    for n in channels_first:  # convolutions: per-token dynamic instead (recorded)
         layers[n].input_quantizer.configure(granularity="token", axis=1, mode="dynamic", symmetric=True)
     norm_fed = set()
     if r.norm_out_8bit:
@@ -221,6 +229,11 @@ def apply(model, calib, cfg, bar):
         device = ch_min.device
         layer.input_quantizer = ClusterQuantizer(spec, labels, lo, hi).to(device)
         sizes.append(int(labels.unique().numel()))
+    if not sizes:
+        raise MethodError(f"rptq clustered no layer: {len(channels_first)} convolution inputs, "
+                          f"{len(unseen)} inputs not reached by the calibration windows")
+    fallback = {"channels-first input (convolution): per-token dynamic": channels_first,
+                "not reached by the calibration windows: per-token dynamic": unseen}
     return {
         "clusters": r.clusters,
         "clusters_used": {"min": min(sizes), "max": max(sizes)} if sizes else None,
@@ -229,7 +242,7 @@ def apply(model, calib, cfg, bar):
         "reorder": "index (channel_order buffer); weights unchanged",
         "norm_out_8bit": bool(r.norm_out_8bit),
         "norm_out_8bit_layers": len(raised),
-        "dynamic_fallback": unseen,
+        "dynamic_fallback": {reason: compact_names(names) for reason, names in fallback.items() if names},
         "calib_windows": len(calib),
     }
 
@@ -239,6 +252,8 @@ def validate(cfg):
         raise ConfigError(f"rptq.clusters must be >= 1, got {cfg.rptq.clusters}")
     if cfg.rptq.kmeans_iters < 1:
         raise ConfigError(f"rptq.kmeans_iters must be >= 1, got {cfg.rptq.kmeans_iters}")
+    if not quantizes(cfg, "act"):
+        raise ConfigError(f"rptq clusters activation ranges, but format.act is {cfg.format.act} (nothing to cluster)")
 
 
 register(Method("rptq", configure=configure, apply=apply, validate=validate, needs_calibration=True))
