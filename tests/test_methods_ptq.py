@@ -343,7 +343,7 @@ def test_cli_rejects_bad_input_before_loading(tmp_path):
     no_calib.mkdir()
     (no_calib / "wikitext-2-raw-v1").symlink_to(data.data_dir() / "wikitext-2-raw-v1")
     for args, env, needle in [
-        (["method=mse"], {"QSIM_DATA_DIR": str(no_calib)}, "method 'mse' needs calibration data"),
+        (["method=mse", "format=w4a8"], {"QSIM_DATA_DIR": str(no_calib)}, "method 'mse' needs calibration data"),
         (["method=rptq", "rptq.clusters=0"], {}, "rptq.clusters must be >= 1"),
     ]:
         proc = _qsim(args + ["progress=false"], env)
