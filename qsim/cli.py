@@ -60,6 +60,15 @@ def cmd_formats() -> None:
         table.add_row(r["name"], r["kind"], str(r["bits"]), f"{r['max']:.6g}", f"{r['min_subnormal']:.6g}",
                       str(r["values"]), r["special"])
     Console().print(table)
+    from .quantizer import SCALED_FORMATS
+
+    scaled = Table(title="scaled formats (their own block scaling along the reduction axis)")
+    for col in ("name", "element", "block", "scale", "bits per element"):
+        scaled.add_column(col, justify="right" if col in ("block", "bits per element") else "left")
+    for name, f in SCALED_FORMATS.items():
+        scale = "E8M0" if f.scale_dtype == "e8m0" else "E4M3 x fp32 per tensor/token"
+        scaled.add_row(name, f.element, str(f.block), scale, f"{f.bits_per_element:g}")
+    Console().print(scaled)
 
 
 # ---------------------------------------------------------------- run

@@ -8,9 +8,8 @@ from typing import Any, Optional
 
 from omegaconf import MISSING
 
-from .formats import UnknownFormat, get_format
-from .quantizer import GRANULARITIES, SCALE_DTYPES, QuantSpec
-
+# formats and quantizer (torch) are imported where used: `qsim tables` reads the
+# schema's defaults (result identity) without loading torch.
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 ROUNDINGS = ("nearest", "away", "stochastic")
 
@@ -56,6 +55,7 @@ class QuantConfig:
     weight: QuantizerConfig = field(default_factory=lambda: QuantizerConfig(granularity="channel"))
     act: QuantizerConfig = field(default_factory=lambda: QuantizerConfig(granularity="token"))
     rounding: str = "nearest"
+    scale_rule: str = "floor"  # E8M0 (MX) scales: floor (OCP v1.0) | ceil (no element saturates)
     attention: bool = False
     skip: list[str] = field(default_factory=lambda: ["lm_head", "*embed*", "*project_in", "*project_out"])
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -188,10 +188,15 @@ def _choice(what: str, value, valid) -> None:
 
 
 def _check_format(where: str, name: str) -> None:
+    from .formats import UnknownFormat, get_format
+    from .quantizer import SCALED_FORMATS
+
+    if name.lower() in SCALED_FORMATS:
+        return
     try:
         get_format(name)
     except UnknownFormat as err:
-        raise ConfigError(f"{where}: {err}") from None
+        raise ConfigError(f"{where}: {err}, or a scaled format: {', '.join(SCALED_FORMATS)}") from None
     except ValueError as err:  # e.g. int1: bits out of range
         raise ConfigError(f"{where}={name!r}: {err}") from None
 
@@ -199,6 +204,7 @@ def _check_format(where: str, name: str) -> None:
 def validate(cfg) -> None:
     """Check every name and range; raise ConfigError with the valid choices."""
     from .methods import METHODS
+    from .quantizer import GRANULARITIES, SCALE_DTYPES, SCALE_RULES, QuantSpec
     from .tasks import TASKS
 
     _choice("model source", cfg.model.source, MODEL_SOURCES)
@@ -217,6 +223,7 @@ def validate(cfg) -> None:
         if q.block < 1:
             raise ConfigError(f"quant.{role}.block must be >= 1, got {q.block}")
     _choice("quant.rounding", cfg.quant.rounding, ROUNDINGS)
+    _choice("quant.scale_rule", cfg.quant.scale_rule, SCALE_RULES)
     for pattern, override in (cfg.quant.overrides or {}).items():
         if not hasattr(override, "keys"):
             raise ConfigError(f"quant.overrides[{pattern!r}] must map weight/act/output to a format")

@@ -8,11 +8,11 @@ PTB test, which is never evaluation text here.
 from __future__ import annotations
 
 import csv
+import functools
+import hashlib
 import json
 import os
 from pathlib import Path
-
-import torch
 
 DATA_ENV = "QSIM_DATA_DIR"
 
@@ -37,6 +37,11 @@ class DataError(RuntimeError):
     pass
 
 
+# (dataset, split) of every load_rows call in this process: run.py checks that a
+# run read only the data its identity names.
+READ_LOG: list[tuple[str, str]] = []
+
+
 def data_dir() -> Path | None:
     value = os.environ.get(DATA_ENV)
     return Path(value) if value else None
@@ -57,6 +62,7 @@ def has_offline(dataset: str, split: str) -> bool:
 
 def load_rows(dataset: str, split: str) -> list[str]:
     """The rows of a text data set split, offline first, else from the hub."""
+    READ_LOG.append((dataset, split))
     path = offline_path(dataset, split)
     if path is not None and path.exists():
         return _read_offline(path)
@@ -108,16 +114,50 @@ def check_available(dataset: str, split: str) -> None:
         raise DataError(f"{offline_path(dataset, split)} holds no text: {dataset} {split} would give no tokens")
 
 
+def data_identity(dataset: str, split: str) -> dict:
+    """What identifies the text load_rows(dataset, split) reads now: the offline
+    file's sha256, or the hub data set (unpinned: the hub's current revision)."""
+    path = offline_path(dataset, split)
+    if path is not None and path.exists():
+        return {"dataset": dataset, "split": split, "source": "offline", "file": OFFLINE_FILES[(dataset, split)],
+                "sha256": file_sha256(path)}
+    if dataset not in HUB:
+        raise DataError(f"unknown data set {dataset!r}; valid: {', '.join(DATASETS)}")
+    if data_dir() is not None:
+        check_available(dataset, split)  # raises: load_rows would not fall back to the hub either
+    name, config, _ = HUB[dataset]
+    return {"dataset": dataset, "split": split, "source": "hub", "hub_id": f"{name}/{config}", "revision": None}
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, once per process per (path, size, mtime)."""
+    st = Path(path).stat()
+    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path: str, _size: int, _mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def join_text(rows: list[str]) -> str:
     return "\n\n".join(rows)
 
 
-def tokenize(tokenizer, text: str) -> torch.Tensor:
+def tokenize(tokenizer, text: str) -> "torch.Tensor":
+    import torch  # here, not at the top: `qsim tables` checks data identities without torch
+
     return torch.as_tensor(tokenizer(text)["input_ids"], dtype=torch.long).reshape(-1)
 
 
-def calibration_windows(tokenizer, dataset: str, split: str, n_samples: int, seq_len: int, seed: int) -> torch.Tensor:
+def calibration_windows(tokenizer, dataset: str, split: str, n_samples: int, seq_len: int, seed: int) -> "torch.Tensor":
     """`n_samples` random token windows of `seq_len` (GPTQ's sampler), deterministic per seed."""
+    import torch
+
     ids = tokenize(tokenizer, join_text(load_rows(dataset, split)))
     if ids.numel() <= seq_len:
         raise DataError(f"{dataset} {split} has {ids.numel()} tokens, fewer than calib seq_len {seq_len}")

@@ -71,7 +71,7 @@ def round_integer(y: torch.Tensor, mode: str) -> torch.Tensor:
 CHUNK = 1 << 20  # elements: 4 MiB per fp32 buffer, in L3; few chunks, so few thread barriers
 _SMALL = 1 << 16  # elements: below this, new scratch tensors are cheaper than the pool's views
 _EXPONENT_BITS = 0x7F800000
-_scratch = threading.local()  # per-thread buffers, reused across calls
+_scratch = threading.local()  # per-thread buffers per device, reused across calls
 
 
 def _run_chunked(kernel, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -97,7 +97,7 @@ def _run_chunked(kernel, x: torch.Tensor, scale: torch.Tensor | None = None) -> 
     if layout is None:  # a scale that varies along a trailing dim: divide and multiply unfused
         return (_run_chunked(kernel, src / scale) * scale).to(x.dtype)
     chunks, size = layout
-    pool = _scratch_pool(size)
+    pool = _scratch_pool(size, src.device)
     for xs, qs, ss in chunks:
         scratch = _Scratch(xs, pool)
         val = xs if ss is None else torch.div(xs, ss, out=scratch.buffer(2, torch.float32))
@@ -129,12 +129,14 @@ class _Scratch:
         return self.buffer(1, torch.float32)
 
 
-def _scratch_pool(size: int) -> tuple[torch.Tensor, ...]:
-    """Three fp32 buffers of at least `size` elements for this thread, kept across calls."""
-    pool = getattr(_scratch, "pool", None)
+def _scratch_pool(size: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Three fp32 buffers of at least `size` elements on `device` for this thread, kept across calls."""
+    pools = getattr(_scratch, "pools", None)
+    if pools is None:
+        pools = _scratch.pools = {}
+    pool = pools.get(device)
     if pool is None or pool[0].numel() < size:
-        pool = tuple(torch.empty(size) for _ in range(3))
-        _scratch.pool = pool
+        pool = pools[device] = tuple(torch.empty(size, device=device) for _ in range(3))
     return pool
 
 

@@ -8,21 +8,39 @@ Scaling granularities (the scale is amax / format max):
 - "block": vectors of `block` elements along `axis` (ABFP, MX). A dimension
   that `block` does not divide is zero-padded; padding never changes a scale.
 
-Scales are kept in fp32, bf16 (ABFP) or E8M0 (power of two, OCP MX floor rule:
-2**(floor(log2 amax) - emax_elem), so the largest elements may saturate).
+Scales are kept in fp32, bf16 (ABFP), E8M0 or E4M3:
+- E8M0 (OCP MX v1.0): X = 2**(floor(log2 amax) - emax_elem), the exponent
+  taken exactly from the bits and clamped to 2**-127 .. 2**127, so the
+  largest elements may saturate (`scale_rule="ceil"`: the smallest power of
+  two with amax / X <= the element max, as some hardware does to avoid that).
+  A block holding inf or NaN gets a NaN scale, so the whole block is NaN.
+  Integer elements are fixed point, 1.(b-2) (MXINT8: 1.6, an implicit 2**-6),
+  so their emax_elem is 0 and their steps reach 2**-133.
+- E4M3 (NVFP4, ModelOpt's formulas): a global fp32 scale
+  s = global amax / (elem max * 448), block scales e4m3(amax_b / (elem max * s)),
+  elements on scale * s. The global amax is per tensor (`global_scale="tensor"`,
+  weights), per token (`"token"`: every block of one vector along the axis;
+  activations, which keeps them causal), or a calibrated static amax.
 Block scales can be quantized once more (`scale_format`, VS-Quant's two-level
 scaling): each row's block scales are divided by one fp32 scale per row
 (their max / the scale format's max), rounded to nearest on that format, and
-multiplied back; elements of a block whose scale rounded down saturate.
+multiplied back; elements of a block whose scale rounded down saturate. A
+two-level (or E4M3) block scale that rounds to 0 decodes its block to 0.
+Scaled formats (`SCALED_FORMATS`: mxfp8_e4m3, mxfp8_e5m2, mxfp6_e3m2,
+mxfp6_e2m3, mxfp4, mxint8, nvfp4) name their element format, block length and
+scale dtype; a spec with one of those names takes them over its own
+granularity, block, scale dtype and symmetry (MX scales are always dynamic).
 Modes: "dynamic" (amax from the tensor) or "static" (an `amax` buffer set by a
-calibrator). The backward is the piecewise-linear straight-through estimator
-(INT-FP-QSim Eq. 5): gradient 1 where |x| <= the clip range, 0 outside; scales
+calibrator; with E4M3 scales, the global amax). The backward is the
+piecewise-linear straight-through estimator (INT-FP-QSim Eq. 5): gradient 1
+where |x| <= the clip range, 0 outside; scales
 are treated as constants. The clip range is scale * format max, and never
 below amax for fp32/bf16 scales (whose rounding must not zero the gradient of
 the largest element); E8M0's floor rule clips above it on purpose.
 """
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -30,12 +48,47 @@ from functools import cached_property
 import torch
 from torch import nn
 
-from .formats import CastFormat, IntFormat, get_format, round_integer
+from .formats import CastFormat, IntFormat, _bits, get_format, round_integer
 
 GRANULARITIES = ("tensor", "channel", "token", "block")
 _LARGE = 1 << 16  # elements: above this, reductions avoid an |x| temporary
-SCALE_DTYPES = ("fp32", "bf16", "e8m0")
+SCALE_DTYPES = ("fp32", "bf16", "e8m0", "e4m3")
+SCALE_RULES = ("floor", "ceil")  # E8M0: OCP's floor, or round up so that no element saturates
+GLOBAL_SCALES = ("tensor", "token")  # extent of the fp32 scale over E4M3 block scales
 MODES = ("dynamic", "static")
+
+
+@dataclass(frozen=True)
+class ScaledFormat:
+    """A format that carries its own scaling: element format, block length (along the
+    reduction axis) and block-scale dtype (OCP MX v1.0; NVFP4)."""
+
+    element: str
+    block: int
+    scale_dtype: str
+
+    @property
+    def bits_per_element(self) -> float:
+        """Element bits plus the 8-bit block scale shared by `block` elements
+        (NVFP4's one fp32 scale per tensor or token is not counted)."""
+        return _bits(get_format(self.element)) + 8 / self.block
+
+    def spec_fields(self) -> dict:
+        fields = dict(granularity="block", block=self.block, scale_dtype=self.scale_dtype, scale_format=None, symmetric=True)
+        if self.scale_dtype == "e8m0":
+            fields["mode"] = "dynamic"  # MX block scales come from each block
+        return fields
+
+
+SCALED_FORMATS = {
+    "mxfp8_e4m3": ScaledFormat("e4m3", 32, "e8m0"),
+    "mxfp8_e5m2": ScaledFormat("e5m2", 32, "e8m0"),
+    "mxfp6_e3m2": ScaledFormat("e3m2", 32, "e8m0"),
+    "mxfp6_e2m3": ScaledFormat("e2m3", 32, "e8m0"),
+    "mxfp4": ScaledFormat("e2m1", 32, "e8m0"),
+    "mxint8": ScaledFormat("int8", 32, "e8m0"),  # elements 1.6 fixed point: the int8 grid times 2**-6
+    "nvfp4": ScaledFormat("e2m1", 16, "e4m3"),
+}
 
 
 @dataclass(frozen=True)
@@ -49,8 +102,13 @@ class QuantSpec:
     symmetric: bool = True
     rounding: str = "nearest"
     scale_format: str | None = None  # second-level quantization of block scales (VS-Quant)
+    scale_rule: str = "floor"  # E8M0 scales: "floor" (OCP) or "ceil"
+    global_scale: str = "token"  # E4M3 scales: one fp32 scale per "tensor" or per "token" (row of blocks)
 
     def __post_init__(self):
+        if self.scaled is not None:  # the format's own scaling replaces the spec's
+            for name, value in self.scaled.spec_fields().items():
+                object.__setattr__(self, name, value)
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"unknown granularity {self.granularity!r}; valid: {', '.join(GRANULARITIES)}")
         if self.scale_dtype not in SCALE_DTYPES:
@@ -59,18 +117,40 @@ class QuantSpec:
             raise ValueError(f"unknown quantizer mode {self.mode!r}; valid: {', '.join(MODES)}")
         if self.block < 1:
             raise ValueError(f"block length n must be >= 1, got {self.block}")
-        fmt = get_format(self.format, self.rounding)
+        if self.scale_rule not in SCALE_RULES:
+            raise ValueError(f"unknown scale rule {self.scale_rule!r}; valid: {', '.join(SCALE_RULES)}")
+        if self.global_scale not in GLOBAL_SCALES:
+            raise ValueError(f"unknown global scale {self.global_scale!r}; valid: {', '.join(GLOBAL_SCALES)}")
+        fmt = self.fmt
         if not self.symmetric and not isinstance(fmt, IntFormat):
             raise ValueError(f"asymmetric quantization needs an int format, got {self.format!r}")
+        if self.scale_dtype == "e4m3" and (self.granularity != "block" or not self.symmetric):
+            raise ValueError("e4m3 block scales (NVFP4-style, under a global fp32 scale) need symmetric block scaling")
         if self.scale_format is not None:
-            if self.granularity != "block" or not self.symmetric or self.scale_dtype == "e8m0":
+            if self.granularity != "block" or not self.symmetric or self.scale_dtype not in ("fp32", "bf16"):
                 raise ValueError("scale_format (two-level scales) needs symmetric block scaling with fp32 or bf16 scales")
             if isinstance(self.scale_fmt, CastFormat):
                 raise ValueError(f"scale_format must be an int or minifloat format, got {self.scale_format!r}")
 
+    @property
+    def scaled(self) -> ScaledFormat | None:
+        """The scaled format this spec names (mxfp4, nvfp4, ...), or None."""
+        return SCALED_FORMATS.get(self.format.lower())
+
+    @property
+    def element(self) -> str:
+        """The element format's name."""
+        return self.scaled.element if self.scaled is not None else self.format
+
+    @property
+    def two_level(self) -> bool:
+        """Block scales rounded once more (scale_format, E4M3): a scale may round to 0."""
+        return self.scale_format is not None or self.scale_dtype == "e4m3"
+
     @cached_property
     def fmt(self):
-        return get_format(self.format, self.rounding)
+        """The element format."""
+        return get_format(self.element, self.rounding)
 
     @cached_property
     def scale_fmt(self):
@@ -89,7 +169,8 @@ class Quantizer(nn.Module):
         super().__init__()
         self.spec = spec or QuantSpec()
         self.enabled = True
-        self.amax: torch.Tensor | None = None  # static calibration result (a buffer once set)
+        # Static calibration result: a buffer, so it moves with the model; not in the state_dict.
+        self.register_buffer("amax", None, persistent=False)
         self.version = 0  # bumped on every change; weight caches key on it
         self.observer = None  # when set, forward shows x to it and passes x through
 
@@ -115,6 +196,10 @@ class Quantizer(nn.Module):
         if s.granularity in ("channel", "token", "block"):
             parts.append(f"axis={s.axis}")
         parts += [f"scale={s.scale_dtype}", s.mode]
+        if s.scale_dtype == "e8m0" and s.scale_rule != "floor":
+            parts.append(f"rule={s.scale_rule}")
+        if s.scale_dtype == "e4m3":
+            parts.append("global=static" if s.mode == "static" else f"global per {s.global_scale}")
         if not s.symmetric:
             parts.append("asymmetric")
         if s.scale_format:
@@ -146,12 +231,15 @@ class SameInputCache:
     """compute(x, *key) for the last input, reused when the same tensor comes again unchanged with
     the same key: layers that read one tensor (q/k/v, gate/up) compute it once. The entry holds x
     (so its id cannot be reused) and the version counters of x and of the result (bumped by
-    in-place writes); one entry per thread."""
+    in-place writes); one entry per thread. Under torch.inference_mode nothing is reused:
+    inference tensors have no version counter, so an in-place write could not be noticed."""
 
     def __init__(self, compute):
         self.compute, self._local = compute, threading.local()
 
     def __call__(self, x: torch.Tensor, *key):
+        if torch.is_inference_mode_enabled() or x.is_inference():
+            return self.compute(x, *key)
         entry = getattr(self._local, "entry", None)
         if (entry is not None and entry[0] is x and entry[1] == x._version and entry[2] == key
                 and getattr(entry[3], "_version", None) == entry[4]):
@@ -179,13 +267,17 @@ def _fake_quantize(x: torch.Tensor, spec: QuantSpec, amax: torch.Tensor | None, 
     if isinstance(fmt, CastFormat):
         return fmt.quantize(x), None  # no clip range: the STE passes every gradient
     view, restore = _blocked_view(x, spec)
-    if spec.mode == "static":
-        if amax is None:
-            raise RuntimeError("static quantizer has no calibrated amax; run a calibrator first")
+    global_amax = None
+    if spec.mode == "static" and amax is None:
+        raise RuntimeError("static quantizer has no calibrated amax; run a calibrator first")
+    if spec.scale_dtype == "e4m3":  # block amaxes from the blocks; the global amax static or from them
+        lo, hi = _dynamic_range(view, spec)
+        global_amax = _global_amax(hi, spec, amax)
+    elif spec.mode == "static":
         lo, hi = _static_range(amax, view, spec)
     else:
         lo, hi = _dynamic_range(view, spec)
-    q, inside = _quantize_view(view, lo, hi, spec, fmt, want_mask=want_mask)
+    q, inside = _quantize_view(view, lo, hi, spec, fmt, want_mask=want_mask, global_amax=global_amax)
     q = restore(q).to(x.dtype)
     return q, (restore(inside) if want_mask else None)
 
@@ -249,7 +341,14 @@ def _blocked_view(x: torch.Tensor, spec: QuantSpec):
 def _dynamic_range(view: torch.Tensor, spec: QuantSpec):
     dims = _reduce_dims(view, spec)
     if spec.symmetric:
-        if view.numel() < _LARGE:
+        n = view.shape[-1]
+        if spec.granularity == "block" and n <= 16 and n & (n - 1) == 0 and view.numel() >= _LARGE:
+            # torch reduces a last dim this short slowly; halving it is exact and ~3x faster (NVFP4's 16)
+            amax = view.abs()
+            while amax.shape[-1] > 1:
+                half = amax.shape[-1] // 2
+                amax = torch.maximum(amax[..., :half], amax[..., half:])
+        elif view.numel() < _LARGE:
             amax = view.abs().amax() if dims is None else view.abs().amax(dim=dims, keepdim=True)
         elif dims is None:  # max(max x, -min x): two reads and no |x| temporary
             amax = torch.maximum(view.amax(), -view.amin())
@@ -275,22 +374,62 @@ def _static_range(amax: torch.Tensor, view: torch.Tensor, spec: QuantSpec):
     return -a, a  # static asymmetric stores a symmetric clip range
 
 
+def _global_amax(block_amax: torch.Tensor, spec: QuantSpec, amax: torch.Tensor | None) -> torch.Tensor:
+    """The amax under E4M3 block scales: calibrated (static), over the tensor, or over each row of blocks."""
+    if spec.mode == "static":
+        return amax.reshape(())
+    if spec.global_scale == "tensor":
+        return block_amax.amax()
+    return block_amax.amax(dim=-2, keepdim=True)
+
+
 # The smallest positive scale each scale dtype holds: a scale that underflowed to 0 would give 0/0.
 _MIN_SCALE = {"fp32": 2.0**-149, "bf16": 2.0**-133}
 E8M0_EXPONENTS = (-127, 127)  # OCP E8M0: 2**-127 .. 2**127 (0xFF is NaN)
+E4M3 = get_format("e4m3")  # NVFP4's block scales (max 448)
 
 
-def _scale_from_amax(amax: torch.Tensor, fmt, spec: QuantSpec) -> torch.Tensor:
-    # An all-zero block gets the smallest scale, and 0 / scale = 0; a NaN amax stays NaN.
+def _scale_from_amax(amax: torch.Tensor, fmt, spec: QuantSpec, global_amax: torch.Tensor | None = None) -> torch.Tensor:
+    """Scales of blocks with these amaxes. A NaN amax gives a NaN scale; an all-zero block gets
+    the smallest scale (fp32, bf16: 0 / scale = 0) or a scale of 0 (two-level: see _quantize_view)."""
     if spec.scale_dtype == "e8m0":
-        _, e = torch.frexp(amax)  # floor(log2 amax) = e - 1
-        return _power_of_two(e - 1 - fmt.max_exponent)
+        return _e8m0_scale(amax, fmt, spec.scale_rule)
+    if spec.scale_dtype == "e4m3":
+        return _e4m3_scale(amax, global_amax, fmt)
     scale = amax / fmt.max
     if spec.scale_dtype == "bf16":
         scale = scale.to(torch.bfloat16).float()
     if spec.scale_format is not None:
-        scale = _two_level(scale, spec.scale_fmt)
+        return _two_level(scale, spec.scale_fmt)
     return scale.clamp_(min=_MIN_SCALE[spec.scale_dtype])
+
+
+def _e8m0_scale(amax: torch.Tensor, fmt, rule: str) -> torch.Tensor:
+    """OCP MX: X = 2**(floor(log2 amax) - emax_elem) ("floor"), or the smallest power of two with
+    amax <= elem max * X ("ceil"); clamped to E8M0's range; NaN for a block holding inf or NaN.
+    Integer elements are fixed point 1.(b-2) (emax_elem 0), so the step on the int grid is X * 2**-(b-2)."""
+    int_elements = isinstance(fmt, IntFormat)
+    frac_bits = fmt.max_exponent if int_elements else 0
+    mant, e = torch.frexp(amax)  # amax = mant * 2**e, mant in [0.5, 1): exact, where log2 rounds
+    if rule == "floor":
+        exponent = e - 1 - (0 if int_elements else fmt.emax)
+    else:
+        max_mant, max_e = math.frexp(fmt.max * 2.0**-frac_bits)
+        exponent = e - max_e + (mant > max_mant).to(e.dtype)
+    scale = _power_of_two(exponent)
+    if frac_bits:
+        scale.mul_(2.0**-frac_bits)  # exact: fp32 subnormals reach 2**-149
+    return scale.add_(amax - amax)  # + 0, or NaN where amax is inf or NaN
+
+
+def _e4m3_scale(amax: torch.Tensor, global_amax: torch.Tensor, fmt) -> torch.Tensor:
+    """NVFP4 (ModelOpt's formulas, in fp32): s = global amax / (elem max * 448), block scale
+    e4m3(amax / (elem max * s)) (saturating at 448), scale = block scale * s. A global amax of 0
+    gives zero scales; a non-finite amax or global amax gives NaN."""
+    s = global_amax.float() / (fmt.max * E4M3.max)
+    s = torch.where(s == 0, torch.ones_like(s), s)  # every block amax is 0 then: their scales are 0
+    block = E4M3.quantize(amax / (fmt.max * s)).add_(amax - amax)  # NaN where a block holds inf or NaN
+    return block * s  # an inf s gives 0 * inf = NaN
 
 
 def _two_level(scale: torch.Tensor, scale_fmt) -> torch.Tensor:
@@ -305,17 +444,23 @@ def _power_of_two(exponent: torch.Tensor) -> torch.Tensor:
     return torch.ldexp(torch.ones(exponent.shape, dtype=torch.float32, device=exponent.device), exponent)
 
 
-def _quantize_view(view, lo, hi, spec: QuantSpec, fmt, want_mask: bool):
+def _quantize_view(view, lo, hi, spec: QuantSpec, fmt, want_mask: bool, global_amax=None):
     xf = view.float()
     if lo is None:  # symmetric
-        scale = _scale_from_amax(hi, fmt, spec)
-        q = fmt.quantize_scaled(xf, scale)  # = fmt.quantize(xf / scale) * scale, in one pass
+        scale = _scale_from_amax(hi, fmt, spec, global_amax)
+        if spec.two_level:  # a block scale that rounded to 0 decodes its block to 0
+            nonzero = scale != 0
+            q = fmt.quantize_scaled(xf, torch.where(nonzero, scale, torch.ones_like(scale)))
+            if not bool(nonzero.all()):
+                q.mul_(nonzero)  # keeps the sign of zero
+        else:
+            q = fmt.quantize_scaled(xf, scale)  # = fmt.quantize(xf / scale) * scale, in one pass
         inside = None
         if want_mask:
             clip = scale * fmt.max
-            if spec.scale_dtype != "e8m0" and spec.scale_format is None:
+            if spec.scale_dtype in ("fp32", "bf16") and spec.scale_format is None:
                 # A rounded fp32/bf16 scale can land a hair below amax / max; amax itself stays inside.
-                # (The E8M0 floor rule and two-level scales clip the top elements on purpose.)
+                # (E8M0's floor rule and two-level scales clip the top elements on purpose.)
                 clip = torch.maximum(clip, hi)
             inside = xf.abs() <= clip
         return q, inside

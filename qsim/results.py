@@ -1,6 +1,15 @@
-"""Results are data: one atomically written result.json per run, keyed by a config hash."""
+"""Results are data: one atomically written result.json per run, keyed by its identity.
+
+A result's identity (`identity`) hashes everything that can change its number: the
+whole resolved config, the data it read and qsim's numerics version
+(qsim.NUMERICS_VERSION). A result is stale when the identity its config gets now
+differs from the stored one (`stale_reason`); sweeps never reuse a stale result and
+`qsim tables` never shows one.
+"""
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
 import json
 import os
@@ -9,14 +18,32 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from . import NUMERICS_VERSION
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULT_FILE = "result.json"
 
 
-# Keys that cannot change a result (display, device placement).
+# Keys that cannot change a result. progress is display only. model.device_map says
+# where accelerate places the layers, not what they compute: the same config gives the
+# same numbers on any placement up to the float differences between devices, which the
+# identity does not cover between two CPUs either (the pins' tolerance is for those).
 NON_SEMANTIC = {("progress",), ("model", "device_map")}
 
+# What result.json records about its identity (see `identity_fields`).
+IDENTITY_FIELDS = ("identity", "config_hash", "config_changes", "data", "numerics_version")
 
+# Why a result is stale, as `qsim tables` and the sweep count and log them.
+NO_IDENTITY = "made before result identities"
+OLDER_NUMERICS = "older numerics version"
+NEWER_NUMERICS = "newer numerics version"
+CONFIG_CHANGED = "defaults changed"
+CONFIG_INVALID = "config no longer valid"
+DATA_CHANGED = "data changed"
+RECIPE_CHANGED = "identity recipe changed"
+
+
+@functools.lru_cache(maxsize=1)
 def _schema_defaults() -> dict:
     """Every section's dataclass defaults (the group sections too, whose own default is MISSING)."""
     import dataclasses
@@ -38,8 +65,7 @@ def _schema_defaults() -> dict:
 
 
 def _drop_defaults(values, defaults, path=()):
-    """Keep only what differs from the schema's defaults, so adding a config key
-    with a default (a qsim upgrade) leaves every existing hash unchanged."""
+    """Keep only what differs from the schema's defaults (and is semantic)."""
     if not isinstance(values, dict):
         return values
     out = {}
@@ -57,11 +83,125 @@ def _drop_defaults(values, defaults, path=()):
     return out
 
 
-def config_hash(resolved: dict) -> str:
-    """sha256 of the resolved config's non-default, result-changing values."""
-    semantic = _drop_defaults(resolved, _schema_defaults())
-    blob = json.dumps(semantic, sort_keys=True, separators=(",", ":"), default=str)
+def _semantic(values, path=()):
+    """The resolved config without the NON_SEMANTIC keys."""
+    if not isinstance(values, dict):
+        return values
+    return {k: _semantic(v, path + (k,)) for k, v in values.items() if path + (k,) not in NON_SEMANTIC}
+
+
+def _sha(payload) -> str:
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def config_changes(resolved: dict) -> dict:
+    """The resolved config's values that differ from the schema's defaults: the config as asked for."""
+    return _drop_defaults(resolved, _schema_defaults())
+
+
+def config_hash(resolved: dict) -> str:
+    """sha256 of config_changes: names the config as asked for (the same across a change of
+    defaults), so the sweep can say which stale result a job replaces. Reuse goes by `identity`."""
+    return _sha(config_changes(resolved))
+
+
+def identity(resolved: dict, data: dict, numerics_version: int = NUMERICS_VERSION) -> str:
+    """sha256 of everything that can change a result's number: every resolved config value
+    (defaults included, so a changed default changes it), the data the run reads (name,
+    split after fallback, the offline file's sha256 or the hub id) and qsim's numerics version."""
+    return _sha({"config": _semantic(resolved), "data": data, "numerics_version": numerics_version})
+
+
+def identity_fields(resolved: dict, data: dict) -> dict:
+    """What result.json records about its identity (IDENTITY_FIELDS)."""
+    return {"identity": identity(resolved, data), "config_hash": config_hash(resolved),
+            "config_changes": config_changes(resolved), "data": data, "numerics_version": NUMERICS_VERSION}
+
+
+def resolve_now(changes: dict) -> dict:
+    """The resolved config that `changes` (config_changes of some run) gives under today's
+    schema and defaults; raises KeyError if a key no longer exists."""
+    return _overlay(_schema_defaults(), changes)
+
+
+def _overlay(defaults: dict, changes: dict, path: tuple = ()) -> dict:
+    out = copy.deepcopy(defaults)
+    for key, value in changes.items():
+        default = defaults.get(key)
+        if isinstance(default, dict) and default and isinstance(value, dict):
+            out[key] = _overlay(default, value, path + (key,))
+        elif key in defaults or defaults == {}:  # an empty default is a free-form dict (quant.overrides)
+            out[key] = copy.deepcopy(value)
+        else:
+            raise KeyError(f"{'.'.join(path + (key,))} is no longer a config key")
+    return out
+
+
+def data_now(data: dict) -> dict:
+    """The stored data identities with each offline file re-hashed where QSIM_DATA_DIR has it now
+    (a file that is not on this machine cannot be checked and keeps its stored hash)."""
+    from . import data as data_mod
+
+    root = data_mod.data_dir()
+    out = {}
+    for role, entries in data.items():
+        out[role] = []
+        for entry in entries:
+            path = root / entry["file"] if root is not None and entry.get("source") == "offline" else None
+            if path is not None and path.exists():
+                entry = {**entry, "sha256": data_mod.file_sha256(path)}
+            out[role].append(entry)
+    return out
+
+
+def _leaves(values, path=()):
+    if isinstance(values, dict) and values:
+        for k, v in values.items():
+            yield from _leaves(v, path + (k,))
+    else:
+        yield ".".join(path), values
+
+
+def _config_diff(old: dict, new: dict, limit: int = 3) -> str:
+    a, b = dict(_leaves(_semantic(old))), dict(_leaves(_semantic(new)))
+    keys = sorted(k for k in a.keys() | b.keys() if a.get(k, "<absent>") != b.get(k, "<absent>"))
+    parts = [f"{k} {a.get(k, '<absent>')} -> {b.get(k, '<absent>')}" for k in keys[:limit]]
+    return ", ".join(parts) + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def why_different(result: dict, now: dict) -> tuple[str, str] | None:
+    """(kind, detail) if `result`'s identity differs from the one `now` (config, data,
+    numerics_version) gives; None if they are the same."""
+    if any(k not in result for k in IDENTITY_FIELDS) or "config" not in result:
+        return NO_IDENTITY, "result.json has no identity fields"
+    if identity(now["config"], now["data"], now["numerics_version"]) == result["identity"]:
+        return None
+    version = result["numerics_version"]
+    if version != now["numerics_version"]:
+        kind = OLDER_NUMERICS if version < now["numerics_version"] else NEWER_NUMERICS
+        return kind, f"made under numerics version {version}, now {now['numerics_version']}"
+    if result["data"] != now["data"]:
+        roles = sorted(r for r in result["data"].keys() | now["data"].keys() if result["data"].get(r) != now["data"].get(r))
+        names = [f"{r} ({', '.join(e['dataset'] + ' ' + e['split'] for e in now['data'].get(r) or result['data'][r])})" for r in roles]
+        return DATA_CHANGED, "data differs: " + "; ".join(names)
+    if _semantic(result["config"]) != _semantic(now["config"]):
+        return CONFIG_CHANGED, _config_diff(result["config"], now["config"])
+    return RECIPE_CHANGED, "the stored identity is not the hash of its stored config, data and version"
+
+
+def stale_reason(result: dict) -> tuple[str, str] | None:
+    """(kind, detail) when a result is stale: its stored identity no longer equals the identity
+    its config gets now (another numerics version, a changed default, changed data, or no
+    identity at all); None when it may be reused and shown."""
+    if any(k not in result for k in IDENTITY_FIELDS) or "config" not in result:
+        return NO_IDENTITY, "result.json has no identity fields"
+    try:
+        config = resolve_now(result["config_changes"])
+    except KeyError as err:
+        return CONFIG_INVALID, str(err.args[0])
+    return why_different(result, {"config": config, "data": data_now(result["data"]),
+                                  "numerics_version": NUMERICS_VERSION})
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:

@@ -17,7 +17,7 @@ from .config import ConfigError, validate
 from .methods import METHODS
 from .models import load_model, skeleton_layer_names
 from .quantizer import QuantSpec
-from .results import RESULT_FILE, config_hash, versions, write_json_atomic
+from .results import RESULT_FILE, identity_fields, versions, write_json_atomic
 from .surgery import LayerQuant, SurgeryError, SurgeryPlan, check_patterns, compact_names, freeze_quantized_weights, quantize_model
 from .tasks import TASKS
 
@@ -52,14 +52,16 @@ def build_plan(cfg) -> SurgeryPlan:
     """The quantizer plan from format + quant config, then each method's configure hook."""
     q, f = cfg.quant, cfg.format
 
-    def spec(fmt: str, qc) -> QuantSpec:
+    def spec(fmt: str, qc, global_scale: str = "token") -> QuantSpec:
         return QuantSpec(format=fmt, granularity=qc.granularity, axis=qc.axis, block=qc.block,
-                         scale_dtype=qc.scale_dtype, symmetric=qc.symmetric, rounding=q.rounding)
+                         scale_dtype=qc.scale_dtype, symmetric=qc.symmetric, rounding=q.rounding,
+                         scale_rule=q.scale_rule, global_scale=global_scale)
 
+    # E4M3 (NVFP4) global scales: per tensor for weights, per token for activations (causal)
     act = spec(f.act, q.act)
     attn_base = spec(f.attn or f.act, q.act)
     plan = SurgeryPlan(
-        default=LayerQuant(weight=spec(f.weight, q.weight), act=act, output=spec(f.output, q.act)),
+        default=LayerQuant(weight=spec(f.weight, q.weight, "tensor"), act=act, output=spec(f.output, q.act)),
         attention=attn_base if q.attention else None,
         attention_base=attn_base,
         skip=tuple(q.skip),
@@ -92,6 +94,42 @@ def preflight(cfg) -> SurgeryPlan:
     return plan
 
 
+def data_read(cfg) -> dict:
+    """role -> identities of the data the run will read (eval, calibration windows, a
+    stage's own text), from the files as they are now; no model needed."""
+    steps = [METHODS[s] for s in cfg.method.steps]
+    pairs = {"eval": TASKS[cfg.task.name].reads(cfg)}
+    if any(m.needs_calibration for m in steps):
+        pairs["calib"] = [(cfg.calib.dataset, cfg.calib.split)]
+    for m in steps:
+        if m.reads(cfg):
+            pairs[m.name] = m.reads(cfg)
+    return {role: [data.data_identity(d, s) for d, s in found] for role, found in pairs.items()}
+
+
+def run_identity(cfg) -> dict:
+    """The identity fields result.json will carry (results.identity_fields), before any load:
+    what a sweep compares with finished results to skip a job."""
+    return identity_fields(OmegaConf.to_container(cfg, resolve=True), data_read(cfg))
+
+
+def calibrate(model, tokenizer, cfg, progress: Progress | None = None) -> dict:
+    """Each method stage in order on the quantized model, with calibration windows if one needs
+    them; returns each stage's facts."""
+    method_facts = {}
+    steps = [METHODS[s] for s in cfg.method.steps]
+    calib = None
+    if any(m.needs_calibration for m in steps):
+        c = cfg.calib
+        calib = data.calibration_windows(tokenizer, c.dataset, c.split, c.n_samples, c.seq_len, c.seed)
+    for m in steps:
+        t0 = time.time()
+        facts = m.apply(model, calib, cfg, Bar(progress, f"calibrate {m.name}")) or {}
+        facts["seconds"] = round(time.time() - t0, 3)
+        method_facts[m.name] = facts
+    return method_facts
+
+
 def run(cfg, out_dir: Path) -> dict:
     """Run one configuration end to end and write out_dir/result.json."""
     out_dir = Path(out_dir)
@@ -100,7 +138,8 @@ def run(cfg, out_dir: Path) -> dict:
     plan = preflight(cfg)
     torch.manual_seed(cfg.seed)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    chash = config_hash(resolved)
+    ident = run_identity(cfg)
+    read_from = len(data.READ_LOG)
 
     @contextlib.contextmanager
     def phase(name: str):
@@ -120,24 +159,18 @@ def run(cfg, out_dir: Path) -> dict:
             progress.update(task, total=1, completed=1, info="cached" if lm.from_cache else "")
         with phase("quantize"):
             report = quantize_model(lm.model, plan)
-        method_facts = {}
-        steps = [METHODS[s] for s in cfg.method.steps]
         with phase("calibrate"):
-            calib = None
-            if any(m.needs_calibration for m in steps):
-                c = cfg.calib
-                calib = data.calibration_windows(lm.tokenizer, c.dataset, c.split, c.n_samples, c.seq_len, c.seed)
-            for m in steps:
-                t0 = time.time()
-                facts = m.apply(lm.model, calib, cfg, Bar(progress, f"calibrate {m.name}")) or {}
-                facts["seconds"] = round(time.time() - t0, 3)
-                method_facts[m.name] = facts
+            method_facts = calibrate(lm.model, lm.tokenizer, cfg, progress)
         frozen = freeze_quantized_weights(lm.model)  # eval only: no float copies kept
         with phase("evaluate"):
             out = TASKS[cfg.task.name].evaluate(lm, cfg, Bar(progress, f"evaluate {cfg.task.name}"))
         attn_calls = sum(getattr(m, "qsim_attn").calls for _, m in lm.model.named_modules() if hasattr(m, "qsim_attn"))
         if report.attention_sites and attn_calls == 0:
             raise SurgeryError("attention sites were instrumented but never called: the model bypassed the qsim attention function")
+    declared = {(e["dataset"], e["split"]) for entries in ident["data"].values() for e in entries}
+    undeclared = set(data.READ_LOG[read_from:]) - declared
+    if undeclared:  # the identity would not cover this data: a task or stage must declare it (reads)
+        raise RuntimeError(f"the run read data its identity does not name: {sorted(undeclared)}")
 
     task = TASKS[cfg.task.name]
     result = {
@@ -174,7 +207,7 @@ def run(cfg, out_dir: Path) -> dict:
         "timings": {**timings, "total": round(time.time() - t_start, 3)},
         "versions": versions(),
         "config": resolved,
-        "config_hash": chash,
+        **ident,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     write_json_atomic(out_dir / RESULT_FILE, result)
@@ -185,11 +218,14 @@ def run(cfg, out_dir: Path) -> dict:
 def _spec_dict(spec: QuantSpec | None):
     if spec is None:
         return None
-    return {k: getattr(spec, k) for k in ("format", "granularity", "axis", "block", "scale_dtype", "scale_format", "mode", "symmetric", "rounding")}
+    out = {k: getattr(spec, k) for k in ("format", "element", "granularity", "axis", "block", "scale_dtype", "scale_format", "mode", "symmetric", "rounding")}
+    out["scale_rule"] = spec.scale_rule if spec.scale_dtype == "e8m0" else None
+    out["global_scale"] = ("static" if spec.mode == "static" else spec.global_scale) if spec.scale_dtype == "e4m3" else None
+    return out
 
 
 def print_summary(result: dict, out_dir: Path) -> None:
-    table = Table(title=f"qsim result ({result['config_hash']})", show_header=False)
+    table = Table(title=f"qsim result ({result['identity']})", show_header=False)
     f = result["formats"]
     q = result["quantized"]
     rows = [

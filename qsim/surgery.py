@@ -20,11 +20,14 @@
 - The fake-quantized weight is computed once and cached; the cache key is the
   weight's version counter and storage, plus the quantizer's version, so an
   in-place edit (SmoothQuant, GPTQ) or a new scaling invalidates it. With
-  gradients enabled (QAT) the weight is quantized on each forward with the STE.
+  gradients enabled (QAT) the weight is quantized on each forward with the STE;
+  a weight made under torch.inference_mode (no version counter) is quantized
+  on each forward too.
 - Attention matmuls (Q, K for QK^T; softmax probabilities P and V for PV) are
   quantized by an attention function registered with transformers'
   AttentionInterface as "qsim" and selected on the model config; no attention
-  class is copied. V is scaled along the sequence axis, the reduction axis of PV.
+  class is copied. V is scaled along the sequence axis, the reduction axis of PV
+  (MX/NVFP4 V: blocks along head_dim, so each position's scale is its own).
 """
 from __future__ import annotations
 
@@ -98,9 +101,15 @@ class _QuantMixin:
         if torch.is_grad_enabled() and self.weight.requires_grad:
             return wq(self.weight)  # training: fresh each step, STE backward
         w = self.weight
+        if w.is_inference():  # made under inference_mode: no version counter to key a cache on
+            with torch.no_grad():
+                return wq(w)
         key = (w._version, w.data_ptr(), wq.version, id(wq.spec))
         if key != self._wq_key:
-            with torch.no_grad():
+            # Outside inference_mode even when called inside it: the cached copy is then an ordinary
+            # tensor, which later no_grad and training forwards can use (an inference tensor cannot
+            # be saved for backward).
+            with torch.no_grad(), torch.inference_mode(False):
                 self._wq = wq(w)
             self._wq_key = key
         return self._wq
@@ -255,6 +264,8 @@ class AttentionQuantizers(nn.Module):
         self.k = Quantizer(_act_spec(spec, -1))
         self.p = Quantizer(_act_spec(spec, -1))
         v_axis = -2 if spec.granularity in ("token", "block") else spec.axis
+        if spec.scaled is not None:  # MX/NVFP4 V: blocks along head_dim, per position (causal)
+            v_axis = -1
         self.v = Quantizer(replace(spec, axis=v_axis))  # PV reduces over the key positions
         self.calls = 0
 
@@ -476,6 +487,13 @@ def _apply_override(spec: LayerQuant, override: dict) -> LayerQuant:
             base = getattr(spec, role)
             changes[role] = replace(base, format=value) if isinstance(value, str) else replace(base, **dict(value))
     return replace(spec, **changes)
+
+
+def role_specs(plan: SurgeryPlan, role: str) -> list[QuantSpec]:
+    """The default spec of a role (weight, act, output) and that of every override setting it:
+    what methods check before surgery."""
+    return [getattr(plan.default, role)] + [getattr(_apply_override(plan.default, o), role)
+                                            for o in plan.overrides.values() if role in o]
 
 
 @torch.no_grad()

@@ -3,11 +3,15 @@
 Hydra's multirun has none of these, so every multirun job goes through
 `run_sweep_job`:
 
-- **Resume**: a job whose config hash already has a complete result.json
-  anywhere under the results root is skipped with one line. Writes are atomic
+- **Resume**: a job whose identity (results.identity: the whole resolved
+  config, the data it reads, qsim's numerics version; computed before any
+  model loads) already has a complete, fresh result.json anywhere under the
+  results root is skipped with one line. A stale result of the same config
+  (another numerics version, changed data or defaults) is never reused: the
+  job re-runs and says why in one line. Writes are atomic
   (results.write_json_atomic), so "exists" means "complete".
 - **No job runs twice at once**: the job holds an flock on
-  `<root>/multirun/.locks/<hash>.lock` while it checks and runs; a duplicate
+  `<root>/multirun/.locks/<identity>.lock` while it checks and runs; a duplicate
   job waits, then finds the result and skips. The kernel drops the lock when
   a process dies, even by SIGKILL.
 - **Fail-soft**: an exception is written to the job's traceback.txt and its
@@ -41,7 +45,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from .results import RESULT_FILE, config_hash, write_json_atomic
+from .results import RESULT_FILE, stale_reason, why_different, write_json_atomic
 
 log = logging.getLogger("qsim")
 
@@ -49,7 +53,7 @@ STATUS_FILE = "status.json"
 TRACEBACK_FILE = "traceback.txt"
 SUMMARY_FILE = "summary.json"
 LOCK_DIR = Path("multirun") / ".locks"  # inside a git-ignored folder
-EXPECTED_HASH_ENV = "QSIM_EXPECTED_CONFIG_HASH"
+EXPECTED_IDENTITY_ENV = "QSIM_EXPECTED_IDENTITY"
 
 
 def results_root() -> Path:
@@ -61,36 +65,51 @@ def resume_enabled() -> bool:
     return os.environ.get("QSIM_RESUME", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def job_config_hash(cfg) -> str:
-    """The hash run.py stores in result.json: the job config without the hydra node."""
+def job_identity(cfg) -> dict:
+    """The identity fields run.py stores in result.json (the job config without the hydra node),
+    plus the resolved config they were computed from."""
     from omegaconf import OmegaConf
 
-    return config_hash(OmegaConf.to_container(cfg, resolve=True))
+    from .run import run_identity
+
+    return {**run_identity(cfg), "config": OmegaConf.to_container(cfg, resolve=True)}
 
 
-def find_result(root: Path, chash: str) -> Path | None:
-    """A complete result.json under root with this config hash, the newest if several."""
-    needle = f'"config_hash": "{chash}"'
-    found = []
+def find_result(root: Path, job: dict) -> tuple[Path | None, list[tuple[Path, tuple[str, str]]]]:
+    """The newest complete, fresh result.json under root with the job's identity (or None), and
+    the stale results of the same config as asked for (config_hash or identity), each with why."""
+    ident, chash = job["identity"], job["config_hash"]
+    needles = (f'"identity": "{ident}"', f'"config_hash": "{chash}"')
+    fresh, stale = [], []
     for path in Path(root).rglob(RESULT_FILE):
         try:
             text = path.read_text()
-            if needle not in text:  # cheap filter before parsing
+            if not any(n in text for n in needles):  # cheap filter before parsing
                 continue
             item = json.loads(text)
         except (OSError, json.JSONDecodeError):
             continue
-        if item.get("config_hash") == chash and "value" in item:
-            found.append((item.get("finished_at", ""), path))
-    return max(found)[1] if found else None
+        if "value" not in item:
+            continue
+        if item.get("identity") == ident:
+            reason = stale_reason(item)  # e.g. an explicit value that was the default when it ran
+        elif item.get("config_hash") == chash:
+            reason = why_different(item, job)
+        else:
+            continue
+        if reason is None:
+            fresh.append((item.get("finished_at", ""), str(path)))
+        else:
+            stale.append((path, reason))
+    return (Path(max(fresh)[1]) if fresh else None), stale
 
 
 @contextlib.contextmanager
-def hash_lock(root: Path, chash: str):
-    """Exclusive per-config lock; released on close or when the process dies."""
+def identity_lock(root: Path, ident: str):
+    """Exclusive per-identity lock; released on close or when the process dies."""
     lock_dir = Path(root) / LOCK_DIR
     lock_dir.mkdir(parents=True, exist_ok=True)
-    with open(lock_dir / f"{chash}.lock", "a") as handle:
+    with open(lock_dir / f"{ident}.lock", "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -139,12 +158,13 @@ def needs_fresh_process(launcher_target: str) -> bool:
     return any(name in launcher_target.lower() for name in ("joblib", "ray"))
 
 
-def _write_status(job: JobInfo, status: str, chash: str, started: float, **extra) -> dict:
+def _write_status(job: JobInfo, status: str, ident: dict, started: float, **extra) -> dict:
     record = {
         "status": status,
         "job_num": job.num,
         "overrides": job.overrides,
-        "config_hash": chash,
+        "config_hash": ident["config_hash"],
+        "identity": ident["identity"],
         "pid": os.getpid(),
         "seconds": round(time.time() - started, 3),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -170,20 +190,30 @@ def run_sweep_job(cfg, job: JobInfo | None = None) -> float | None:
     """One multirun job: skip if done, else run it and record done or failed. Never raises
     for a failing job (KeyboardInterrupt and SystemExit still stop the sweep)."""
     job = job or JobInfo.current()
-    chash = job_config_hash(cfg)
-    root = results_root()
     started = time.time()
-    with hash_lock(root, chash):
-        existing = find_result(root, chash) if resume_enabled() else None
+    try:
+        ident = job_identity(cfg)
+    except Exception as err:  # noqa: BLE001 - e.g. its data is missing: this job fails, the sweep goes on
+        message, tb_path = _one_line(err), _write_traceback(job.out_dir, err)
+        _write_status(job, "failed", {"config_hash": None, "identity": None}, started, error=message, traceback=str(tb_path))
+        log.error("FAILED %s: %s (traceback: %s)", job.label, message, tb_path)
+        return None
+    root = results_root()
+    with identity_lock(root, ident["identity"]):
+        existing, stale = find_result(root, ident) if resume_enabled() else (None, [])
         if existing is not None:
             value = json.loads(existing.read_text())["value"]
-            _write_status(job, "skipped", chash, started, result=str(existing), value=value)
-            log.info("skip %s: config %s already has %s", job.label, chash, existing)
+            _write_status(job, "skipped", ident, started, result=str(existing), value=value)
+            log.info("skip %s: identity %s already has %s", job.label, ident["identity"], existing)
             return value
+        if stale:
+            path, (kind, detail) = stale[0]
+            more = f" (and {len(stale) - 1} more)" if len(stale) > 1 else ""
+            log.info("re-run %s: the result %s%s of this config is stale: %s (%s)", job.label, path, more, kind, detail)
         job_pid = os.getpid()
         try:
             if needs_fresh_process(job.launcher):
-                value, job_pid = _run_in_child(cfg, job, chash)
+                value, job_pid = _run_in_child(cfg, job, ident["identity"])
             else:
                 from .run import run
 
@@ -193,22 +223,22 @@ def run_sweep_job(cfg, job: JobInfo | None = None) -> float | None:
                 message, tb_path = str(err), err.traceback_path
             else:
                 message, tb_path = _one_line(err), _write_traceback(job.out_dir, err)
-            _write_status(job, "failed", chash, started, error=message,
+            _write_status(job, "failed", ident, started, error=message,
                           traceback=str(tb_path) if tb_path else None)
             log.error("FAILED %s: %s (traceback: %s)", job.label, message, tb_path)
             return None
-    _write_status(job, "done", chash, started, result=str(job.out_dir / RESULT_FILE), value=value, job_pid=job_pid)
+    _write_status(job, "done", ident, started, result=str(job.out_dir / RESULT_FILE), value=value, job_pid=job_pid)
     return value
 
 
 # ------------------------------------------------------------ fresh process per job
 
-def _run_in_child(cfg, job: JobInfo, chash: str) -> tuple[float, int]:
+def _run_in_child(cfg, job: JobInfo, ident: str) -> tuple[float, int]:
     """Run the job in `python -m qsim.sweep <out_dir>` (the config goes over stdin);
     returns its value and the child's pid."""
     from omegaconf import OmegaConf
 
-    env = {**os.environ, EXPECTED_HASH_ENV: chash}
+    env = {**os.environ, EXPECTED_IDENTITY_ENV: ident}
     text = OmegaConf.to_yaml(cfg, resolve=True)
     proc = subprocess.Popen([sys.executable, "-m", "qsim.sweep", str(job.out_dir)], stdin=subprocess.PIPE, text=True, env=env)
     proc.communicate(text)
@@ -224,7 +254,7 @@ def _run_in_child(cfg, job: JobInfo, chash: str) -> tuple[float, int]:
 
 
 def _child_main(out_dir: str) -> int:
-    """Entry point of the child: rebuild the typed config, check the hash, run."""
+    """Entry point of the child: rebuild the typed config, check the identity, run."""
     import yaml
     from omegaconf import OmegaConf
 
@@ -235,9 +265,9 @@ def _child_main(out_dir: str) -> int:
     out = Path(out_dir)
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(yaml.safe_load(sys.stdin.read())))
-        expected = os.environ.get(EXPECTED_HASH_ENV)
-        if expected and job_config_hash(cfg) != expected:
-            raise RuntimeError(f"config hash changed in the child process ({job_config_hash(cfg)} != {expected})")
+        expected = os.environ.get(EXPECTED_IDENTITY_ENV)
+        if expected and job_identity(cfg)["identity"] != expected:
+            raise RuntimeError(f"identity changed in the child process ({job_identity(cfg)['identity']} != {expected})")
         run(cfg, out)
     except Exception as err:  # noqa: BLE001 - reported to the parent through traceback.txt
         _write_traceback(out, err)

@@ -5,13 +5,23 @@ table keeps the paper's rows and columns, taken from the paper's own numbers
 (results/paper/int_fp_qsim_tables.csv). A cell is matched by content, not by
 the experiment that made it:
 
-- row = model, checkpoint, seq_len, tokenization protocol, split and how much
-  of it was evaluated. A paper row is the paper's fine-tuned checkpoint on the
-  whole validation split with run_clm tokenization at the paper's seq_len
+- row = model, checkpoint, task, seq_len, tokenization protocol, split and how
+  much of it was evaluated. A paper row is the paper's fine-tuned checkpoint on
+  the whole validation split with run_clm tokenization at the paper's seq_len
   (what conf/experiment/row/opt-*.yaml run). Any other evaluation (SmolLM2, a
   few windows, another protocol) gets its own row below the paper's, labelled
   with what differs, so a partial run is never compared to the paper's number.
-- column = weight format, activation format, method, ABFP n.
+- column = weight format, activation format, method steps, ABFP n.
+- everything else that can change the number is the cell's definition too: a
+  cell is what conf/experiment/row/ and col/ set on top of the schema's
+  defaults and the model's preset (attention operands on or off, dtype,
+  calibration, skip list, output/attention formats, each used stage's
+  settings, seed, causal). A result that differs from it in any of these gets
+  its own row, labelled with the differing values (`variant`).
+
+Only fresh results count: a stale one (results.stale_reason: another numerics
+version, changed data or defaults, no identity) never fills a cell, and
+`qsim tables` says how many it ignored and why.
 
 A cell shows ours / paper (ours - paper). "missing" is a cell with no result
 yet; "-" is a cell the paper has no number for. When several results match a
@@ -21,17 +31,22 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
+import json
 import os
+import re
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from .results import REPO_ROOT, load_results
+from .results import NON_SEMANTIC, REPO_ROOT, load_results, stale_reason
 
 PAPER_CSV = REPO_ROOT / "results" / "paper" / "int_fp_qsim_tables.csv"
-MODEL_CONF_DIR = REPO_ROOT / "conf" / "model"
+CONF = REPO_ROOT / "conf"
+MODEL_CONF_DIR = CONF / "model"
 
 TABLES = ("I", "II", "III", "IV", "V", "VI", "VII", "VIII", "X")
 ARABIC = {"I": 1, "II": 2, "III": 3, "IV": 4, "V": 5, "VI": 6, "VII": 7, "VIII": 8, "IX": 9, "X": 10}
@@ -59,7 +74,15 @@ FORMAT_LABELS = {("fp32", "fp32"): "FP32", ("int4", "int4"): "W4A4", ("int4", "i
 METHOD_LABELS = {"none": "", "mse": "MSE", "abfp": "ABFP", "abfp-qat": "ABFP-QAT", "abfp-sq": "ABFP-SQ",
                  "gptq": "GPTQ", "rptq": "RPTQ"}
 # How the paper evaluated its rows (conf/experiment/row/opt-*.yaml run exactly this).
-PAPER_EVAL = {"checkpoint": "paper", "protocol": "paper", "split": "validation", "windows": None}
+PAPER_EVAL = {"checkpoint": "paper", "protocol": "paper", "split": "validation", "windows": None, "variant": ()}
+# Footnotes a table always carries.
+TABLE_NOTES = {
+    "VIII": "All columns quantize the same operands: every linear's weights and inputs and the attention "
+            "matmul operands (RPTQ columns: quant.attention=true, dynamic per-token scales on the attention "
+            "operands, since qsim's RPTQ clusters only linear inputs; ABFP columns: n=64 blocks).",
+}
+CAUSAL_NOTE = ("† non-causal (the result says `causal: false`): a quantization scale at position i may "
+               "depend on later tokens, which a causal model cannot do when generating.")
 
 
 @dataclass(frozen=True)
@@ -87,6 +110,8 @@ class Row:
     protocol: str
     split: str
     windows: int | None  # None: the whole split
+    task: str = "wikitext2"
+    variant: tuple[str, ...] = ()  # "key=value" where the result differs from its cell's definition
 
     @property
     def is_paper_eval(self) -> bool:
@@ -99,14 +124,20 @@ class Row:
         if self.is_paper_eval:
             return text
         extent = "all windows" if not self.windows else f"{self.windows} window{'s' * (self.windows != 1)}"
-        notes = [self.split, extent, f"{self.protocol} protocol"]
+        notes = ([] if self.task == "wikitext2" else [self.task]) + [self.split, extent, f"{self.protocol} protocol"]
         if self.checkpoint != "paper" and self.model.startswith("opt-"):
             notes.append(f"{self.checkpoint} checkpoint")
-        return f"{text} [{', '.join(notes)}]"
+        return f"{text} [{', '.join(notes + list(self.variant))}]"
+
+    @property
+    def causal(self) -> bool:
+        return "causal=false" not in self.variant
 
 
-def paper_row(model: str, seq_len: int | None) -> Row:
-    return Row(model, PAPER_EVAL["checkpoint"], seq_len, PAPER_EVAL["protocol"], PAPER_EVAL["split"], None)
+def paper_row(model: str, seq_len: int | None, metric: str = "ppl") -> Row:
+    # The paper's perplexities are WikiText-2; its other metrics are tasks qsim does not run.
+    return Row(model, PAPER_EVAL["checkpoint"], seq_len, PAPER_EVAL["protocol"], PAPER_EVAL["split"], None,
+               task="wikitext2" if metric == "ppl" else metric)
 
 
 @dataclass
@@ -125,27 +156,181 @@ def load_paper(path: Path = PAPER_CSV) -> list[PaperCell]:
         for rec in csv.DictReader(f):
             cells.append(PaperCell(
                 table=rec["table"],
-                row=paper_row(rec["model"], int(rec["seq_len"]) if rec["seq_len"] else None),
+                row=paper_row(rec["model"], int(rec["seq_len"]) if rec["seq_len"] else None, rec["metric"]),
                 column=Column(rec["weights"], rec["activations"], rec["method"], int(rec["n"]) if rec["n"] else None),
                 metric=rec["metric"], value=float(rec["value"]), text=rec["value"]))
     return cells
 
 
-def result_row(result: dict) -> Row | None:
+# ------------------------------------------------------------ what defines a cell
+
+ROW_KEYS = {"model.name", "model.checkpoint", "task.name", "task.protocol", "task.split", "task.seq_len", "task.max_windows"}
+COLUMN_KEYS = {"format.weight", "format.act", "method.steps"}  # and abfp.n when abfp is a step
+PRESET_NAMES = {"format.name", "method.name"}  # a preset is its values
+STAGE_SECTIONS = ("abfp", "mse", "smoothquant", "gptq", "rptq", "qat")  # settings that matter only when the stage runs
+_INTERPOLATION = re.compile(r"^\$\{([\w.]+)\}$")
+
+
+def _flat(values, prefix: str = "") -> dict:
+    out = {}
+    for k, v in values.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _load_yaml(path: Path) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+
+
+def _overrides(doc: dict) -> dict:
+    """group -> option of a config's `- override /<group>: <option>` defaults."""
+    out = {}
+    for item in doc.get("defaults") or []:
+        if isinstance(item, dict):
+            for k, v in item.items():
+                out[k.replace("override", "").strip().strip("/")] = v
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _presets() -> dict[str, dict[str, dict]]:
+    """group -> option -> its flat settings (with the group prefix), for model, format, method."""
+    out = {}
+    for group in ("model", "format", "method"):
+        out[group] = {}
+        for path in sorted((CONF / group).glob("*.yaml")):
+            doc = _load_yaml(path)
+            doc.pop("defaults", None)
+            out[group][path.stem] = _flat(doc, group + ".")
+    return out
+
+
+def _method_name(steps: list[str]) -> str:
+    """The method preset with these steps (what the paper's columns name), else the steps joined."""
+    for name, flat in sorted(_presets()["method"].items()):
+        if list(flat.get("method.steps", [])) == list(steps):
+            return name
+    return "+".join(steps) or "none"
+
+
+@functools.lru_cache(maxsize=1)
+def _experiment_parts() -> tuple[list[tuple[str, dict]], dict["Column", dict]]:
+    """conf/experiment/row/*.yaml as (model, flat settings), and col/*.yaml by the column they make."""
+    presets = _presets()
+    rows = []
+    for path in sorted((CONF / "experiment" / "row").glob("*.yaml")):
+        doc = _load_yaml(path)
+        model = _overrides(doc).get("model")
+        doc.pop("defaults", None)
+        rows.append((model, _flat(doc)))
+    cols = {}
+    for path in sorted((CONF / "experiment" / "col").glob("*.yaml")):
+        doc = _load_yaml(path)
+        picks = _overrides(doc)
+        doc.pop("defaults", None)
+        fmt, method = presets["format"][picks["format"]], presets["method"][picks["method"]]
+        settings = {**fmt, **method, **_flat(doc)}
+        steps = list(settings.get("method.steps", []))
+        n = settings.get("abfp.n", _schema_flat()["abfp.n"]) if "abfp" in steps else None
+        cols[Column(fmt["format.weight"], fmt.get("format.act", "fp32"), _method_name(steps), n)] = settings
+    return rows, cols
+
+
+@functools.lru_cache(maxsize=1)
+def _schema_flat() -> dict:
+    from .results import _schema_defaults
+
+    return _flat(_schema_defaults())
+
+
+def cell_standard(config: dict, column: "Column") -> dict:
+    """The flat config that defines the cell `config` lands in: the schema's defaults, the
+    model's preset, the settings of its experiment row (conf/experiment/row/ for this model,
+    the one with the same task settings if several) and of the column's col/*.yaml."""
+    flat = _flat(config)
+    standard = dict(_schema_flat())
+    standard.update(next((p for p in _presets()["model"].values() if p.get("model.name") == flat.get("model.name")), {}))
+    rows, cols = _experiment_parts()
+    mine = [settings for model, settings in rows if model == flat.get("model.name")]
+    same_task = [s for s in mine if all(flat.get(k) == v for k, v in s.items() if k.startswith("task."))]
+    if same_task or mine:
+        standard.update((same_task or mine)[0])
+    standard.update(cols.get(column, {}))
+    for k, v in standard.items():  # ${task.seq_len}: the result's own value
+        m = _INTERPOLATION.match(v) if isinstance(v, str) else None
+        if m:
+            standard[k] = flat.get(m.group(1))
+    return standard
+
+
+def _relevant(key: str, flat: dict, steps: list[str], calibrated: bool) -> bool:
+    section = key.split(".")[0]
+    if section == "calib":
+        return calibrated
+    if section == "abfp" and "gptq" in steps and flat.get("gptq.granularity") == "block":
+        return key != "abfp.n" or "abfp" not in steps  # GPTQ's ABFP blocks follow abfp.*
+    if section in STAGE_SECTIONS:
+        return section in steps and key != "abfp.n"  # abfp.n is the column's n
+    return True
+
+
+def _show(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def variant(config: dict, column: "Column", calibrated: bool, causal: bool = True) -> tuple[str, ...]:
+    """"key=value" for every value of the resolved `config` that can change the number and differs
+    from the definition of the cell it would fill (cell_standard); () when it is that cell."""
+    flat = _flat(config)
+    standard = cell_standard(config, column)
+    steps = list(flat.get("method.steps") or [])
+    skip = ROW_KEYS | COLUMN_KEYS | PRESET_NAMES | {".".join(k) for k in NON_SEMANTIC}
+    for side in (flat, standard):  # attention operands in the activation format unless said otherwise
+        if side.get("format.attn") in (None, flat.get("format.act")):
+            side["format.attn"] = None
+    out = [f"{k}={_show(flat.get(k))}" for k in sorted(flat.keys() | standard.keys())
+           if k not in skip and _relevant(k, flat, steps, calibrated) and flat.get(k) != standard.get(k)]
+    if not causal:
+        out.append("causal=false")
+    return tuple(out)
+
+
+def _column(config: dict) -> Column:
+    f, steps = config["format"], list(config["method"]["steps"])
+    return Column(f["weight"], f["act"], _method_name(steps), config["abfp"]["n"] if "abfp" in steps else None)
+
+
+def _row(config: dict, split: str, windows: int | None, column: Column, calibrated: bool, causal: bool) -> Row:
+    m, t = config["model"], config["task"]
+    return Row(m["name"], m["checkpoint"], t["seq_len"], t["protocol"], split, windows, t["name"],
+               variant(config, column, calibrated, causal))
+
+
+def planned_cell(config: dict, calibrated: bool) -> tuple[Row, Column]:
+    """The cell a run of the resolved `config` will fill, if it evaluates as configured
+    (every window up to task.max_windows, the configured split)."""
+    col = _column(config)
+    t = config["task"]
+    return _row(config, t["split"], t["max_windows"], col, calibrated, True), col
+
+
+def result_cell(result: dict) -> tuple[Row, Column] | None:
+    """The cell a (fresh) result fills: its config, the split it evaluated and how much of it."""
     ev = result.get("eval") or {}
     try:
+        config = result["config"]
+        col = _column(config)
         full = ev["windows"] >= ev["windows_available"]
-        split = ev.get("split") or result["config"]["task"]["split"]
-        return Row(result["model"], result.get("checkpoint", "base"), result["seq_len"], result.get("protocol", "gptq"),
-                   split, None if full else int(ev["windows"]))
-    except (KeyError, TypeError):
-        return None
-
-
-def result_column(result: dict) -> Column | None:
-    try:
-        f = result["formats"]
-        return Column(f["weight"], f["act"], result["method"], result.get("n"))
+        split = ev.get("split") or config["task"]["split"]
+        row = _row(config, split, None if full else int(ev["windows"]), col, "calib" in (result.get("data") or {}),
+                   result.get("causal", True) is not False)
+        return row, col
     except (KeyError, TypeError):
         return None
 
@@ -161,10 +346,10 @@ def index_results(results: list[dict]) -> dict[tuple[Row, Column], list[dict]]:
     """(row, column) -> matching results, newest first."""
     out: dict[tuple[Row, Column], list[dict]] = {}
     for r in results:
-        row, col = result_row(r), result_column(r)
-        if row is None or col is None or r.get("value") is None:
+        cell = result_cell(r)
+        if cell is None or r.get("value") is None:
             continue
-        out.setdefault((row, col), []).append(r)
+        out.setdefault(cell, []).append(r)
     for matches in out.values():
         matches.sort(key=lambda r: (_finished(r), r.get("_path", "")), reverse=True)
     return out
@@ -224,7 +409,7 @@ def build_table(table_id: str, paper: list[PaperCell], indexed: dict) -> Table:
     columns = list(dict.fromkeys(p.column for p in mine))
     by_cell = {(p.row, p.column): p for p in mine}
     extra = sorted({row for (row, col) in indexed if col in columns and row not in rows},
-                   key=lambda r: (r.model, r.seq_len or 0, r.checkpoint, r.protocol, r.split, r.windows or 0))
+                   key=lambda r: (r.model, r.seq_len or 0, r.checkpoint, r.task, r.protocol, r.split, r.windows or 0, r.variant))
     runnable = runnable_models()
     cells = {}
     for row in rows + extra:
@@ -243,7 +428,7 @@ def _num(x: float) -> str:
 
 def cell_text(cell: Cell, footnote: int | None) -> str:
     if cell.ours is not None:
-        ours = _num(cell.ours) + (f" [{footnote}]" if footnote else "")
+        ours = _num(cell.ours) + ("" if cell.row.causal else " \u2020") + (f" [{footnote}]" if footnote else "")
     else:
         ours = "missing" if cell.runnable else "n/a"
     if cell.paper is None:
@@ -263,7 +448,8 @@ def render_markdown(table: Table, results_root: Path) -> str:
     out = [f"## Table {table.id}: {table.title}", ""]
     out.append("Each cell: **ours / paper (ours - paper)**. `missing`: no result yet; `-`: the paper has no number; "
                "`n/a`: qsim has no such model. Paper rows: the paper's fine-tuned checkpoint, whole validation split, "
-               "run_clm tokenization; other evaluations get their own row, labelled [split, extent, protocol].")
+               "run_clm tokenization; other evaluations, and results that differ from a cell's definition in "
+               "any setting, get their own row, labelled [split, extent, protocol, differing settings].")
     out.append("")
     header = ["Model (Seq len)"] + [c.label for c in table.columns]
     out.append("| " + " | ".join(header) + " |")
@@ -286,13 +472,17 @@ def render_markdown(table: Table, results_root: Path) -> str:
             out.append(f"[{i}] {cell.row.label}, {cell.column.label}: {len(cell.matches)} results match; the newest is used "
                        f"({newest.get('finished_at')}, {display_path(newest.get('_path', '?'), results_root)}); "
                        f"others: {', '.join(_num(m['value']) for m in cell.matches[1:])}.")
+    if any(not row.causal and table.cells[(row, col)].ours is not None for row in table.rows for col in table.columns):
+        out += ["", CAUSAL_NOTE]
+    if table.id in TABLE_NOTES:
+        out += ["", TABLE_NOTES[table.id]]
     filled, total = table.paper_cells_filled()
     out.append("")
     out.append(f"Metric: {table.metric}. Paper cells with a result of ours: {filled}/{total}.")
     return "\n".join(out) + "\n"
 
 
-CSV_FIELDS = ["table", "row", "column", "model", "checkpoint", "seq_len", "protocol", "split", "windows",
+CSV_FIELDS = ["table", "row", "column", "model", "checkpoint", "task", "seq_len", "protocol", "split", "windows", "variant",
               "weights", "activations", "method", "n", "metric", "ours", "paper", "delta", "status",
               "results_matched", "result", "finished_at"]
 
@@ -307,8 +497,9 @@ def render_csv(table: Table, results_root: Path) -> str:
             newest = cell.matches[0] if cell.matches else {}
             writer.writerow({
                 "table": table.id, "row": row.label, "column": col.label, "model": row.model,
-                "checkpoint": row.checkpoint, "seq_len": row.seq_len, "protocol": row.protocol, "split": row.split,
-                "windows": row.windows if row.windows else "all", "weights": col.weight, "activations": col.act,
+                "checkpoint": row.checkpoint, "task": row.task, "seq_len": row.seq_len, "protocol": row.protocol,
+                "split": row.split, "windows": row.windows if row.windows else "all", "variant": "; ".join(row.variant),
+                "weights": col.weight, "activations": col.act,
                 "method": col.method, "n": col.n if col.n is not None else "",
                 "metric": cell.paper.metric if cell.paper else newest.get("metric", ""),
                 "ours": cell.ours if cell.ours is not None else "",
@@ -339,12 +530,23 @@ def build_all(results_root: Path, out_dir: Path) -> list[str] | None:
     """Render every table and figure; returns one line per output, or None if there are no results."""
     from .plots import FIGURES, render_figure
 
-    results = load_results(results_root)
-    if not results:
+    loaded = load_results(results_root)
+    if not loaded:
         return None
+    results, stale = [], Counter()
+    for r in loaded:
+        reason = stale_reason(r)
+        if reason is None:
+            results.append(r)
+        else:
+            stale[reason[0]] += 1
     paper = load_paper()
     indexed = index_results(results)
     lines, index = [], [f"# INT-FP-QSim tables, rebuilt by `qsim tables` from {len(results)} results", ""]
+    if stale:
+        line = stale_line(stale)
+        lines.append(line)
+        index += [line.replace("qsim tables: ", "", 1) + " (re-run their sweeps to replace them)", ""]
     for table_id in TABLES:
         table = build_table(table_id, paper, indexed)
         md = render_markdown(table, results_root)
@@ -362,6 +564,12 @@ def build_all(results_root: Path, out_dir: Path) -> list[str] | None:
     write_text_atomic(out_dir / "index.md", "\n".join(index))
     lines.append(f"all tables and figures -> {out_dir / 'index.md'}")
     return lines
+
+
+def stale_line(stale: Counter) -> str:
+    total = sum(stale.values())
+    why = ", ".join(f"{n} {kind}" for kind, n in stale.most_common())
+    return f"qsim tables: ignored {total} stale result{'s' * (total != 1)} ({why})"
 
 
 def cmd_tables(args: list[str]) -> None:

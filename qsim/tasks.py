@@ -18,6 +18,7 @@ class Task:
     metric: str
     check: Callable
     evaluate: Callable
+    reads: Callable  # cfg -> [(dataset, split)] evaluate reads (after any fallback): part of the result's identity
 
 
 TASKS: dict[str, Task] = {}
@@ -89,4 +90,5 @@ def _evaluate_wikitext2(lm, cfg, progress=None) -> dict:
     return out
 
 
-TASKS["wikitext2"] = Task("wikitext2", "ppl", _check_wikitext2, _evaluate_wikitext2)
+TASKS["wikitext2"] = Task("wikitext2", "ppl", _check_wikitext2, _evaluate_wikitext2,
+                          reads=lambda cfg: [("wikitext2", _wikitext_split(cfg))])

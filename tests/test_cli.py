@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from qsim import NUMERICS_VERSION
+from qsim.results import stale_reason
+
 QSIM = [sys.executable, "-m", "qsim.cli"]
 
 
@@ -89,8 +92,10 @@ def test_run_end_to_end_writes_result(tmp_path):
         "skipped by pattern 'lm_head'": 1, "embedding lookup": 1, "norm: elementwise scale, no matmul": 61}
     assert result["quantized"]["weight"]["granularity"] == "channel"
     assert result["quantized"]["act"]["granularity"] == "token"
-    for key in ("config_hash", "versions", "timings", "config", "model_source", "checkpoint"):
+    for key in ("identity", "config_hash", "versions", "timings", "config", "model_source", "checkpoint"):
         assert result[key]
+    assert result["numerics_version"] == NUMERICS_VERSION and stale_reason(result) is None  # fresh as written
+    assert [(e["dataset"], e["split"], e["source"]) for e in result["data"]["eval"]] == [("wikitext2", "test", "offline")]
     assert set(result["timings"]) >= {"load", "quantize", "calibrate", "evaluate", "total"}
     assert (path.parent / ".hydra" / "config.yaml").exists()
     assert "ppl" in proc.stdout and "qsim result" in proc.stdout

@@ -10,7 +10,7 @@ from torch import nn
 
 from conftest import cfg
 from qsim import data
-from qsim.config import ConfigError, validate
+from qsim.config import ConfigError
 from qsim.methods import METHODS, MethodError
 from qsim.methods.gptq import run_gptq
 from qsim.methods.qat import finetune
@@ -273,14 +273,15 @@ def _simulated(model, *overrides):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["method=mse", "format=fp32"], "mse calibrates activation ranges, but every activation format is fp32"),
+    (["method=mse", "format=fp32"], r"mse calibrates static activation ranges, but no activation quantizer has one \(format.act=fp32"),
+    (["method=mse", "format=mxfp4", "mse.attention=false"], "no activation quantizer has one"),
     (["method=rptq", "format=fp32"], "rptq clusters activation ranges, but format.act is fp32"),
     (["method=gptq", "format.weight=fp32", "format.act=int8"], "gptq rounds weights, but format.weight is fp32"),
     (["method.steps=[gptq,qat]", "format=w4a16"], "qat after gptq"),
 ])
 def test_stages_with_nothing_to_do_fail_before_loading(overrides, message):
     with pytest.raises(ConfigError, match=message) as err:
-        validate(cfg(*overrides))
+        preflight(cfg(*overrides))
     assert "\n" not in str(err.value)
 
 

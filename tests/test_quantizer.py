@@ -181,6 +181,51 @@ def test_e8m0_scales_follow_the_ocp_floor_rule():
     assert fake_quantize(torch.tensor([7.5, 3.2]), QuantSpec("int4", scale_dtype="e8m0")).tolist() == [7, 3]
 
 
+@pytest.mark.parametrize("rule", ["floor", "ceil"])
+@pytest.mark.parametrize("name", ["e4m3", "e2m1", "e5m2", "int8"])
+def test_e8m0_block_holding_inf_or_nan_is_nan(name, rule):
+    """OCP MX: a block whose max is inf or NaN gets a NaN scale (E8M0 0xFF), so all its elements are NaN;
+    frexp(inf) has exponent 0, which would give a finite scale."""
+    x = randn(4, 8, seed=16)
+    x[0, 2], x[1, 5], x[2, 0] = math.inf, -math.inf, math.nan
+    spec = QuantSpec(name, "block", block=4, scale_dtype="e8m0", scale_rule=rule)
+    got = fake_quantize(x, spec)
+    assert got[0, :4].isnan().all() and got[1, 4:].isnan().all() and got[2, :4].isnan().all()
+    clean = torch.ones(4, 8, dtype=torch.bool)
+    clean[0, :4] = clean[1, 4:] = clean[2, :4] = False
+    assert not got[clean].isnan().any()
+    assert torch.equal(got[3], fake_quantize(x[3:], spec)[0])
+
+
+def test_mxint8_tiny_blocks_keep_their_steps_down_to_2_to_the_minus_133():
+    """MXINT8 elements are 1.6 fixed point: X = 2**floor(log2 amax) clamped to >= 2**-127, step X * 2**-6.
+    Blocks with amax < 2**-121 must not flush to zero (clamping the int-grid step at 2**-127 did)."""
+    step = 2.0**-133
+    x = torch.tensor([[2.0**-130, 3 * step, -5 * step, 2.0**-135, 127 * step, -64 * step]])
+    for spec in (QuantSpec("mxint8"), QuantSpec("int8", "block", block=32, scale_dtype="e8m0")):
+        got = fake_quantize(x, spec)
+        assert got.tolist() == [[2.0**-130, 3 * step, -5 * step, 0.0, 127 * step, -64 * step]]
+    # amax 1.5 * 2**-122: X = 2**-122, step 2**-128; 1.5 * 2**-122 = 96 steps.
+    y = torch.tensor([1.5 * 2.0**-122, 2.0**-128, 2.0**-129 * 3])
+    assert fake_quantize(y, QuantSpec("mxint8")).tolist() == [1.5 * 2.0**-122, 2.0**-128, 2.0**-127]
+
+
+@pytest.mark.parametrize("spec", [QuantSpec("e2m1", "block", block=2, scale_format="e4m3"),
+                                  QuantSpec("int4", "block", block=2, scale_format="e4m3", scale_dtype="bf16"),
+                                  QuantSpec("nvfp4")], ids=["e2m1-two-level", "int4-two-level-bf16", "nvfp4"])
+def test_two_level_scale_that_rounds_to_zero_decodes_to_zero(spec):
+    """A block scale below half of E4M3's smallest step (2**-10) times the row scale rounds to 0, and
+    its block decodes to 0 (not to +-max * 2**-149, the old clamp's smallest scale)."""
+    row = torch.zeros(32)
+    row[:2] = torch.tensor([6.0, -5.0])
+    row[16:18] = torch.tensor([1e-9, -1e-9])  # its scale / the row's ~ 1e-9 * 448 / 6 < 2**-10
+    got = fake_quantize(row[None], spec)[0]
+    assert got[16:18].tolist() == [0.0, 0.0]
+    assert torch.signbit(got[17]) and not torch.signbit(got[16])  # the sign of zero is kept
+    assert got[0].item() == pytest.approx(6.0, rel=0.002) and got[1] <= -4  # the large block is kept
+    assert not got.isnan().any()
+
+
 def test_bf16_scales_are_bf16_values():
     x = randn(64, 32, seed=7)
     got = fake_quantize(x, QuantSpec("int8", "block", block=32, scale_dtype="bf16"))
@@ -337,7 +382,8 @@ def test_spec_validation():
 @pytest.mark.parametrize("spec", [
     QuantSpec("int4", "block", block=64, scale_dtype="bf16"), QuantSpec("e2m1", "block", block=48, scale_dtype="e8m0"),
     QuantSpec("e4m3", "token"), QuantSpec("int8", "channel", axis=0), QuantSpec("e4m3", "channel", axis=-1, rounding="away"),
-], ids=lambda s: f"{s.format}-{s.granularity}-{s.axis}")
+    QuantSpec("int4", "block", block=8, scale_dtype="bf16"), QuantSpec("nvfp4"),  # short blocks: amax by halving
+], ids=lambda s: f"{s.format}-{s.granularity}-{s.axis}-{s.block}")
 def test_large_tensors_match_the_same_rows_done_in_small_pieces(spec, monkeypatch):
     import qsim.formats as formats_module
 

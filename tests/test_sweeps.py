@@ -1,11 +1,14 @@
 """Sweeps: real `qsim run -m` subprocesses on the tiny random OPT (+experiment=smoke).
 
 Resume after SIGKILL (submitit_local), fail-soft, a fresh process per job under
-joblib, one run per config hash even when duplicates race; and the paper
-experiments: every job composes, and together they cover every paper cell.
+joblib, one run per identity even when duplicates race, never a stale result
+reused (another numerics version, a changed default, changed data); and the
+paper experiments: every job composes, and together they cover every paper cell.
 """
+import copy
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,9 +18,14 @@ from pathlib import Path
 import psutil
 import pytest
 
+from qsim import NUMERICS_VERSION
 from qsim.config import CONF_DIR
-from qsim.sweep import compose_jobs, conf_context, expand_jobs
-from qsim.tables import Column, Row, load_paper, runnable_models
+from qsim.methods import METHODS
+from qsim.results import identity, stale_reason, write_json_atomic
+from qsim.sweep import compose_jobs, conf_context, expand_jobs, find_result, job_identity
+from qsim.tables import Column, load_paper, planned_cell, runnable_models
+
+from conftest import cfg
 
 QSIM = [sys.executable, "-m", "qsim.cli"]
 SMOKE = ["+experiment=smoke", "format=w4a4", "progress=false"]
@@ -138,6 +146,72 @@ def test_joblib_runs_each_job_in_a_fresh_process_and_duplicates_run_once(tmp_pat
     assert "3 jobs: 0 done, 3 skipped, 0 failed" in summary_line(again)
 
 
+# ------------------------------------------------------------ identity: a stale result is never reused
+
+BUMPED = [sys.executable, "-c", "import qsim; qsim.NUMERICS_VERSION += 1\nfrom qsim.cli import main; main()"]
+
+
+def test_a_bumped_numerics_version_reruns_the_job_and_the_table_ignores_the_old_result(tmp_path):
+    results = tmp_path / "results"
+    env = {**os.environ, "QSIM_RESULTS_DIR": str(results)}
+    args = ["method=abfp", "task.max_windows=1", "task.seq_len=32"]
+    first = sweep(results, *args)
+    assert "1 jobs: 1 done, 0 skipped" in summary_line(first), first.stderr[-2000:]
+    # the same sweep after a commit that bumps NUMERICS_VERSION
+    bumped = subprocess.run([*BUMPED, "run", "-m", *SMOKE, *args], capture_output=True, text=True, env=env, timeout=240)
+    assert "1 jobs: 1 done, 0 skipped" in summary_line(bumped), bumped.stderr[-2000:]
+    [rerun] = [ln for ln in bumped.stdout.splitlines() + bumped.stderr.splitlines() if "re-run job #0" in ln]
+    assert f"older numerics version (made under numerics version {NUMERICS_VERSION}, now {NUMERICS_VERSION + 1})" in rerun
+    versions = sorted(json.loads(p.read_text())["numerics_version"] for p in results.rglob("result.json"))
+    assert versions == [NUMERICS_VERSION, NUMERICS_VERSION + 1]
+
+    tables = subprocess.run([*BUMPED, "tables"], capture_output=True, text=True, env=env, timeout=120)
+    assert tables.returncode == 0, tables.stderr[-2000:]
+    assert tables.stdout.splitlines()[0] == "qsim tables: ignored 1 stale result (1 older numerics version)"
+    md = (results / "tables" / "table2.md").read_text()
+    [row] = [ln for ln in md.splitlines() if ln.startswith("| tiny-opt (32)")]
+    assert "[1]" not in row and "results match" not in md  # one result fills the cell, not both
+
+
+def test_a_changed_default_changes_the_identity_and_the_old_result_is_not_reused(tmp_path):
+    job = job_identity(cfg("model=tiny-opt", "format=w4a4", "method=mse"))
+    assert job["config"]["mse"]["candidates"] == 100
+    # what run.py wrote for this job when mse.candidates defaulted to 50
+    old_config = copy.deepcopy(job["config"])
+    old_config["mse"]["candidates"] = 50
+    old = {"value": 123.0, "config": old_config, "config_changes": job["config_changes"], "config_hash": job["config_hash"],
+           "data": job["data"], "numerics_version": NUMERICS_VERSION, "identity": identity(old_config, job["data"]),
+           "finished_at": "2026-01-01T10:00:00+0000"}
+    assert old["config_hash"] == job["config_hash"]  # the config as asked for is the same ...
+    assert old["identity"] != job["identity"]  # ... what made the number is not
+    path = tmp_path / "results" / "runs" / "old" / "result.json"
+    write_json_atomic(path, old)
+    assert stale_reason(json.loads(path.read_text())) == ("defaults changed", "mse.candidates 50 -> 100")
+    done, stale = find_result(tmp_path / "results", job)
+    assert done is None and stale == [(path, ("defaults changed", "mse.candidates 50 -> 100"))]
+
+
+def test_a_changed_data_file_changes_the_identity_of_the_runs_that_read_it(tmp_path, monkeypatch):
+    source = Path(os.environ["QSIM_DATA_DIR"])
+    copy_dir = tmp_path / "data"
+    for rel in ("wikitext-2-raw-v1/test.jsonl", "ptb/test.txt"):
+        (copy_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source / rel, copy_dir / rel)
+    monkeypatch.setenv("QSIM_DATA_DIR", str(copy_dir))
+    rptq, plain = cfg("model=tiny-opt", "format=w4a4", "method=rptq"), cfg("model=tiny-opt", "format=w4a4", "method=none")
+    before = {name: job_identity(c) for name, c in (("rptq", rptq), ("none", plain))}
+    assert [e["dataset"] for e in before["rptq"]["data"]["calib"]] == ["ptb"] and "calib" not in before["none"]["data"]
+    result = {**before["rptq"], "value": 1.0}
+    with open(copy_dir / "ptb" / "test.txt", "a") as f:
+        f.write(" a corrected line\n")
+    assert job_identity(rptq)["identity"] != before["rptq"]["identity"]  # calibrates on PTB
+    assert job_identity(plain)["identity"] == before["none"]["identity"]  # never reads it
+    assert stale_reason(result) == ("data changed", "data differs: calib (ptb test)")
+    with open(copy_dir / "wikitext-2-raw-v1" / "test.jsonl", "a") as f:
+        f.write(json.dumps({"text": " one more line"}) + "\n")
+    assert job_identity(plain)["identity"] != before["none"]["identity"]
+
+
 # ------------------------------------------------------------ the paper experiments
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
@@ -167,9 +241,10 @@ def composed():
 
 
 def _cell(cfg):
-    row = Row(cfg.model.name, cfg.model.checkpoint, cfg.task.seq_len, cfg.task.protocol, cfg.task.split, cfg.task.max_windows)
-    n = cfg.abfp.n if "abfp" in cfg.method.steps else None
-    return row, Column(cfg.format.weight, cfg.format.act, cfg.method.name, n)
+    from omegaconf import OmegaConf
+
+    calibrated = any(METHODS[s].needs_calibration for s in cfg.method.steps)
+    return planned_cell(OmegaConf.to_container(cfg, resolve=True), calibrated)
 
 
 def test_experiments_are_the_paper_tables_and_figures():
@@ -198,11 +273,12 @@ def test_experiment_covers_every_paper_cell_and_its_offline_variant_the_same_col
         wanted = {(r, Column(w, a, m, n)) for r in rows for (w, a, m) in series for n in (64, 128)}
     wanted = {c for c in wanted if c[1].method not in pending}
     assert wanted <= cells, sorted(wanted - cells, key=str)[:5]
-    assert all(row.is_paper_eval for row, _ in cells)  # whole validation split, run_clm, paper checkpoint
+    assert all(row.is_paper_eval for row, _ in cells)  # whole validation split, run_clm, paper checkpoint, no variant
     # offline: one SmolLM2 row with a small window count, the same columns
     assert {cfg.model.name for _, cfg in offline} == {"smollm2-135m"}
     assert all(cfg.task.max_windows and cfg.task.max_windows <= 16 for _, cfg in offline)
     assert {_cell(cfg)[1] for _, cfg in offline} == {col for _, col in cells}
+    assert all(_cell(cfg)[0].variant == () for _, cfg in offline)  # one offline row: each job is its cell's definition
     if pending | pending_offline:
         pytest.skip(f"checked all but the jobs of method presets not written yet: {sorted(pending | pending_offline)}")
 

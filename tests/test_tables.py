@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from qsim import NUMERICS_VERSION
 from qsim.results import write_json_atomic
 from qsim.tables import PAPER_CSV, build_all
 
@@ -21,16 +22,49 @@ def qsim(*args, results: Path, timeout=300):
     return subprocess.run([*QSIM, *args], capture_output=True, text=True, env=env, timeout=timeout)
 
 
-def put_result(root: Path, name: str, *, value, model="opt-125m", seq_len=1024, weight="fp32", act="fp32",
-               method="none", n=None, checkpoint="paper", protocol="paper", split="validation",
-               windows=None, available=280, finished_at="2026-01-01T10:00:00+0000"):
-    """A result.json with the fields run.py writes that tables read (as a run on the hub would write it)."""
-    write_json_atomic(root / "runs" / name / "result.json", {
-        "task": "wikitext2", "metric": "ppl", "value": value, "model": model, "checkpoint": checkpoint,
-        "formats": {"weight": weight, "act": act}, "method": method, "n": n, "seq_len": seq_len, "protocol": protocol,
+_CONFIGS: dict = {}
+
+
+def composed(row: str, col: str, overrides=()) -> dict:
+    """The resolved config of an experiment row x column (+ overrides), as a sweep job gets it."""
+    key = (row, col, tuple(overrides))
+    if key not in _CONFIGS:
+        from qsim.sweep import compose_jobs
+
+        [cfg] = compose_jobs([[f"+experiment/row={row}", f"+experiment/col={col}", *overrides]])
+        _CONFIGS[key] = cfg
+    return _CONFIGS[key]
+
+
+def put_result(root: Path, name: str, *, value, row="opt-125m-1024", col="fp32", overrides=(), windows=None,
+               available=280, finished_at="2026-01-01T10:00:00+0000", **extra) -> dict:
+    """A result.json with what run.py writes, identity included, for an experiment row x column,
+    without running the model. The OPT rows read the hub's validation split (as a run on the hub
+    would); SmolLM2's read the offline test split."""
+    from omegaconf import OmegaConf
+
+    from qsim.results import identity_fields
+    from qsim.run import data_read
+
+    cfg = composed(row, col, overrides)
+    hub = cfg.model.source == "hub"
+    saved = os.environ.pop("QSIM_DATA_DIR") if hub else None
+    try:
+        fields = identity_fields(OmegaConf.to_container(cfg, resolve=True), data_read(cfg))
+    finally:
+        if saved is not None:
+            os.environ["QSIM_DATA_DIR"] = saved
+    split = fields["data"]["eval"][0]["split"]
+    steps = list(cfg.method.steps)
+    result = {
+        "task": "wikitext2", "metric": "ppl", "value": value, "model": cfg.model.name, "checkpoint": cfg.model.checkpoint,
+        "formats": {"weight": cfg.format.weight, "act": cfg.format.act}, "method": cfg.method.name, "steps": steps,
+        "n": cfg.abfp.n if "abfp" in steps else None, "seq_len": cfg.task.seq_len, "protocol": cfg.task.protocol,
         "eval": {"value": value, "windows": windows or available, "windows_available": available, "split": split},
-        "config": {"task": {"split": split}}, "config_hash": name, "finished_at": finished_at,
-    })
+        "config": OmegaConf.to_container(cfg, resolve=True), **fields, "finished_at": finished_at, **extra,
+    }
+    write_json_atomic(root / "runs" / name / "result.json", result)
+    return result
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -66,7 +100,7 @@ def test_make_tables_on_an_empty_folder(tmp_path):
 def test_cells_show_ours_beside_the_paper_with_the_delta_and_missing_is_not_zero(tmp_path):
     root = tmp_path / "results"
     put_result(root, "fp32", value=26.0)
-    put_result(root, "abfp", value=33.0, weight="int4", act="int4", method="abfp", n=64)
+    put_result(root, "abfp", value=33.0, col="w4a4-abfp")
     lines = build_all(root, root / "tables")
     assert any(ln.startswith("Table II ") and " 2/16 " in ln for ln in lines)
     md = (root / "tables" / "table2.md").read_text()
@@ -104,8 +138,7 @@ def test_the_newest_of_several_results_is_used_and_the_choice_is_stated(tmp_path
 def test_a_partial_or_offline_evaluation_gets_its_own_row_never_the_papers(tmp_path):
     root = tmp_path / "results"
     put_result(root, "few-windows", value=30.0, windows=8)  # OPT-125M, but 8 of 280 windows
-    put_result(root, "smol", value=21.0, model="smollm2-135m", seq_len=256, checkpoint="base", split="test", windows=8,
-               weight="e1m2", act="e1m2", method="abfp", n=64)
+    put_result(root, "smol", value=21.0, row="smollm2-135m", col="e1m2-abfp", windows=8)
     build_all(root, root / "tables")
     md = (root / "tables" / "table2.md").read_text()
     assert table_line(md, "OPT 125M (1024)")[0] == "missing / 25.94"
@@ -114,6 +147,99 @@ def test_a_partial_or_offline_evaluation_gets_its_own_row_never_the_papers(tmp_p
     # Figure 3 (E1M2 ABFP vs n) has SmolLM2's n=64 point
     assert (root / "tables" / "figure3.png").stat().st_size > 1000
     assert "| smollm2-135m (256) [test, 8 windows, paper protocol] | E1M2 ABFP | 21.00 | - |" in (root / "tables" / "index.md").read_text()
+
+
+def rewrite(path: Path, result: dict, **changes) -> None:
+    """Store `result` as a run made under other circumstances would have (its identity recomputed
+    from its own config, data and numerics version, as run.py would have written it then)."""
+    from qsim.results import identity
+
+    result = {**result, **changes}
+    result["identity"] = identity(result["config"], result["data"], result["numerics_version"])
+    write_json_atomic(path, result)
+
+
+def test_stale_results_never_fill_a_cell_and_are_counted(tmp_path):
+    root = tmp_path / "results"
+    runs = root / "runs"
+    put_result(root, "fresh", value=26.0)
+    later = "2026-02-01T10:00:00+0000"  # each stale result is newer: if it counted, it would win its cell
+    old = put_result(root, "old-numerics", value=99.0, finished_at=later)
+    rewrite(runs / "old-numerics" / "result.json", old, numerics_version=NUMERICS_VERSION - 1)
+    smol = put_result(root, "smol-fresh", value=21.0, row="smollm2-135m", col="e1m2-abfp", windows=8)
+    other_file = {**smol["data"], "eval": [{**smol["data"]["eval"][0], "sha256": "0" * 64}]}
+    put_result(root, "other-data", value=98.0, row="smollm2-135m", col="e1m2-abfp", finished_at=later)
+    rewrite(runs / "other-data" / "result.json", smol, data=other_file, value=98.0, finished_at=later)
+    # made when mse.candidates defaulted to 50: the value was not a change then
+    mse = put_result(root, "old-default", value=97.0, col="w4a4-mse", overrides=["mse.candidates=50"], finished_at=later)
+    rewrite(runs / "old-default" / "result.json", mse, config_changes={k: v for k, v in mse["config_changes"].items() if k != "mse"})
+    before_identities = {k: v for k, v in put_result(root, "no-identity", value=96.0, finished_at=later).items()
+                         if k not in ("identity", "config_changes", "data", "numerics_version")}
+    write_json_atomic(runs / "no-identity" / "result.json", before_identities)
+
+    proc = qsim("tables", results=root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    [line] = [ln for ln in proc.stdout.splitlines() if ln.startswith("qsim tables:")]
+    assert line.startswith("qsim tables: ignored 4 stale results (")
+    for part in ("1 older numerics version", "1 data changed", "1 defaults changed", "1 made before result identities"):
+        assert part in line, line
+    assert table_line((root / "tables" / "table1.md").read_text(), "OPT 125M (1024)") == [
+        "26.00 / 25.94 (+0.06)", "missing / 1130", "missing / 33.14"]
+    md = (root / "tables" / "table2.md").read_text()
+    assert table_line(md, "OPT 125M (1024)")[0] == "26.00 / 25.94 (+0.06)"  # no footnote: one result counts
+    assert table_line(md, "smollm2-135m (256) [test, 8 windows, paper protocol]")[3] == "21.00 / -"
+    assert "ignored 4 stale results" in (root / "tables" / "index.md").read_text()
+
+
+def test_a_result_unlike_its_cells_definition_gets_its_own_labelled_row(tmp_path):
+    root = tmp_path / "results"
+    put_result(root, "fp32", value=26.0)
+    put_result(root, "abfp", value=33.0, col="w4a4-abfp")
+    put_result(root, "abfp-damp", value=33.0, col="w4a4-abfp", overrides=["gptq.damp=0.1"])  # GPTQ does not run: same cell
+    put_result(root, "fp32-calib", value=26.0, col="fp32", overrides=["calib.n_samples=8"])  # nothing calibrates: same cell
+    put_result(root, "no-attn", value=31.0, col="w4a4-abfp", overrides=["abfp.attention=false"])
+    put_result(root, "bf16", value=26.1, col="fp32", overrides=["model.dtype=bfloat16"])
+    put_result(root, "mse-calib", value=900.0, col="w4a4-mse", overrides=["calib.n_samples=8"])
+    put_result(root, "mse-skip", value=800.0, col="w4a4-mse", overrides=["quant.skip=[lm_head]"])
+    build_all(root, root / "tables")
+    md = (root / "tables" / "table1.md").read_text()
+    fp32, mse, abfp = table_line(md, "OPT 125M (1024)")
+    assert fp32.startswith("26.00 [") and abfp.startswith("33.00 [") and mse == "missing / 1130"
+    base = "opt-125m (1024) [validation, all windows, paper protocol, "
+    assert table_line(md, base + "abfp.attention=false]") == ["missing / -", "missing / -", "31.00 / -"]
+    assert table_line(md, base + "model.dtype=bfloat16]") == ["26.10 / -", "missing / -", "missing / -"]
+    assert table_line(md, base + "calib.n_samples=8]") == ["missing / -", "900.00 / -", "missing / -"]
+    assert table_line(md, base + 'quant.skip=["lm_head"]]') == ["missing / -", "800.00 / -", "missing / -"]
+    rows = read_csv(root / "tables" / "table1.csv")
+    assert {r["variant"] for r in rows} == {"", "abfp.attention=false", "model.dtype=bfloat16", "calib.n_samples=8",
+                                            'quant.skip=["lm_head"]'}
+
+
+def test_table8_columns_quantize_the_same_operands(tmp_path):
+    root = tmp_path / "results"
+    put_result(root, "rptq", value=41.0, col="w4a4-rptq")
+    put_result(root, "abfp", value=33.0, col="w4a4-abfp")
+    put_result(root, "rptq-linears-only", value=40.0, col="w4a4-rptq", overrides=["quant.attention=false"])
+    build_all(root, root / "tables")
+    md = (root / "tables" / "table8.md").read_text()
+    assert table_line(md, "OPT 125M (1024)")[1:3] == ["41.00 / 41.48 (-0.48)", "33.00 / 33.14 (-0.14)"]
+    label = "opt-125m (1024) [validation, all windows, paper protocol, quant.attention=false]"
+    assert table_line(md, label)[1] == "40.00 / -"
+    assert "All columns quantize the same operands" in md
+    cfg_rptq, cfg_abfp = composed("opt-125m-1024", "w4a4-rptq"), composed("opt-125m-1024", "w4a4-abfp")
+    assert cfg_rptq.quant.attention and cfg_abfp.abfp.attention  # the attention matmul operands in both
+
+
+def test_a_non_causal_result_gets_its_own_row_and_a_footnote(tmp_path):
+    root = tmp_path / "results"
+    put_result(root, "causal", value=33.0, col="w4a4-abfp", causal=True)
+    put_result(root, "non-causal", value=32.0, col="w4a4-abfp", causal=False)
+    build_all(root, root / "tables")
+    md = (root / "tables" / "table2.md").read_text()
+    assert table_line(md, "OPT 125M (1024)")[1] == "33.00 / 33.14 (-0.14)"
+    label = "opt-125m (1024) [validation, all windows, paper protocol, causal=false]"
+    assert table_line(md, label)[1] == "32.00 \u2020 / -"
+    assert "\u2020 non-causal (the result says `causal: false`)" in md
 
 
 def test_tables_never_load_torch(tmp_path):

@@ -1,6 +1,6 @@
 """Recovery methods as composable stages, one file each, registered by name.
 
-A stage has two hooks:
+A stage has these hooks:
 - `configure(plan, cfg)`: before surgery, adjust the quantizer plan
   (scaling granularity, static mode, attention) from the method's config;
 - `apply(model, calib, cfg, bar)`: after surgery, do the work on the
@@ -9,7 +9,9 @@ A stage has two hooks:
   `bar` (`bar.start(total)`, `bar.advance(n, info)`), and return a dict of
   facts for the result;
 - `validate(cfg)`: raise config.ConfigError for bad values (runs before any
-  model loads).
+  model loads);
+- `reads(cfg)`: the (dataset, split) pairs `apply` reads itself (beyond the
+  calibration windows), for the result's identity.
 
 `method.steps` lists stages in order: `[smoothquant, abfp]` is ABFP-SQ.
 """
@@ -30,24 +32,13 @@ class MethodError(RuntimeError):
     one line, and the run stops instead of reporting a number the stage did not shape."""
 
 
-def quantizes(cfg, role: str) -> bool:
-    """Whether the run quantizes some layer's `role` (weight | act | output): the format's or an override's."""
-    from ..quantizer import QuantSpec
-
-    def real(name) -> bool:
-        return not QuantSpec(format=name).is_identity
-
-    if real(getattr(cfg.format, role)):
-        return True
-    for override in (cfg.quant.overrides or {}).values():
-        value = override.get(role) if hasattr(override, "get") else None
-        if value is not None and real(value if isinstance(value, str) else value.get("format", "fp32")):
-            return True
-    return False
-
 
 def _nothing(*_args, **_kwargs):
     return None
+
+
+def _no_data(_cfg):
+    return []
 
 
 @dataclass(frozen=True)
@@ -57,6 +48,7 @@ class Method:
     apply: Callable = _nothing
     validate: Callable = _nothing
     needs_calibration: bool = False
+    reads: Callable = _no_data
 
 
 def register(method: Method) -> Method:

@@ -43,8 +43,8 @@ from torch import nn
 from ..config import ConfigError
 from ..formats import IntFormat
 from ..quantizer import GRANULARITIES, QuantSpec, _dynamic_range, _quantize_view, _static_range
-from ..surgery import QuantHFConv1D, QuantLinear, compact_names, is_quantized_layer
-from . import Method, MethodError, StopForward, quantizes, register
+from ..surgery import QuantHFConv1D, QuantLinear, compact_names, is_quantized_layer, role_specs
+from . import Method, MethodError, StopForward, register
 
 # ---------------------------------------------------------------- the grid, column by column
 
@@ -500,6 +500,10 @@ def configure(plan, cfg):
     # Asymmetric (zero point) only for integer grids and not for ABFP's max scaling.
     symmetric = g.symmetric or abfp_blocks or not isinstance(w.fmt, IntFormat)
     plan.default = replace(plan.default, weight=replace(w, symmetric=symmetric, mode="dynamic"))
+    if any(s.scale_dtype == "e4m3" for s in role_specs(plan, "weight")):
+        raise ValueError("gptq fits one block scale at a time; E4M3 block scales under a global scale (nvfp4) are not supported with it")
+    if all(s.is_identity for s in role_specs(plan, "weight")):
+        raise ValueError(f"gptq rounds weights, but format.weight is {w.format} (nothing to round)")
 
 
 def validate(cfg):
@@ -518,8 +522,6 @@ def validate(cfg):
         raise ConfigError(f"gptq.max_blocks must be >= 1 or null (all), got {g.max_blocks}")
     if cfg.abfp.scale_format is not None:
         raise ConfigError("gptq fits one block scale at a time; abfp.scale_format (two-level scales) is not supported with it")
-    if not quantizes(cfg, "weight"):
-        raise ConfigError(f"gptq rounds weights, but format.weight is {cfg.format.weight} (nothing to round)")
 
 
 def apply(model, calib, cfg, bar):

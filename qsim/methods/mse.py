@@ -36,8 +36,8 @@ import torch
 
 from ..config import ConfigError
 from ..quantizer import QuantSpec, Quantizer, SameInputCache, fake_quantize
-from ..surgery import attention_quantizers, compact_names, quantization_disabled, quantized_layers
-from . import Method, MethodError, StopForward, quantizes, register
+from ..surgery import attention_quantizers, compact_names, quantization_disabled, quantized_layers, role_specs
+from . import Method, MethodError, StopForward, register
 
 CALIBRATORS = ("mse", "max", "percentile", "entropy")
 
@@ -48,45 +48,61 @@ class AbsHistogram:
     """Counts of |x| in bins cut from the float32 bit pattern: an octave per
     exponent, split into 64 equal sub-bins by the top 6 mantissa bits (relative
     width 1/128 .. 1/64), over 2**LOW .. 2**HIGH. Bin 0 holds zeros and anything
-    below 2**LOW; the last bin also takes anything above 2**HIGH."""
+    below 2**LOW; the last bin also takes anything above 2**HIGH; NaN and inf are
+    dropped. Counts and max stay on the device of the values added (no sync per call)."""
 
     MANTISSA_BITS = 6
     LOW, HIGH = -40, 40
     SHIFT = 23 - MANTISSA_BITS
     FIRST_CODE = (127 + LOW) << MANTISSA_BITS
     N_BINS = (HIGH - LOW) << MANTISSA_BITS
+    CODES = 1 << (31 - SHIFT)  # every code of |x| (sign bit clear)
+    INF_CODE = 0x7F800000 >> SHIFT  # this code and above: inf and NaN
 
     def __init__(self):
         self.n_bins = self.N_BINS
-        self.counts = torch.zeros(self.n_bins + 1, dtype=torch.float64)
-        self.max = 0.0
+        self.counts: torch.Tensor | None = None  # float64 [n_bins + 1], made by the first add
+        self.amax: torch.Tensor | None = None  # the largest finite |x|, 0-dim fp32
 
     @classmethod
-    def bin_counts(cls, x: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """The counts `x` adds, and its max |x| (NaN/inf are dropped)."""
-        a = x.detach().float().abs().reshape(-1)
-        amax = float(a.max()) if a.numel() else 0.0
-        if not math.isfinite(amax):
-            a = a[torch.isfinite(a)]
-            amax = float(a.max()) if a.numel() else 0.0
-        code = torch.bitwise_right_shift(a.view(torch.int32), cls.SHIFT)
-        idx = (code - (cls.FIRST_CODE - 1)).clamp_(0, cls.N_BINS)
-        return torch.bincount(idx, minlength=cls.N_BINS + 1).double(), amax
+    def bin_counts(cls, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The counts `x` adds, and its max finite |x| (0-dim), both on x's device.
 
-    def add_counts(self, counts: torch.Tensor, amax: float) -> None:
+        One bincount over every code of |x| and a fold of the few thousand code counts into bins:
+        no per-element clamp, and inf/NaN (the codes from INF_CODE up) fall out exactly."""
+        a = x.detach().float().abs().reshape(-1)
+        codes = torch.bitwise_right_shift(a.view(torch.int32), cls.SHIFT)
+        by_code = torch.bincount(codes, minlength=cls.CODES)
+        first, last = cls.FIRST_CODE, cls.FIRST_CODE + cls.N_BINS - 1
+        counts = torch.cat([by_code[:first].sum(0, keepdim=True), by_code[first:last],
+                            by_code[last:cls.INF_CODE].sum(0, keepdim=True)]).double()
+        amax = a.nan_to_num_(nan=0.0, posinf=0.0).amax() if a.numel() else a.new_zeros(())
+        return counts, amax
+
+    def add_counts(self, counts: torch.Tensor, amax: torch.Tensor) -> None:
+        if self.counts is None:
+            self.counts, self.amax = torch.zeros_like(counts), torch.zeros_like(amax)
         self.counts += counts
-        self.max = max(self.max, amax)
+        torch.maximum(self.amax, amax, out=self.amax)
 
     def add(self, x: torch.Tensor) -> None:
         self.add_counts(*self.bin_counts(x))
 
     @property
+    def max(self) -> float:
+        return 0.0 if self.amax is None else float(self.amax)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu") if self.counts is None else self.counts.device
+
+    @property
     def total(self) -> float:
-        return float(self.counts.sum())
+        return 0.0 if self.counts is None else float(self.counts.sum())
 
     def edges(self) -> torch.Tensor:
         """Bin i (1..n) covers [edges[i-1], edges[i])."""
-        codes = torch.arange(self.n_bins + 1, dtype=torch.int32) + self.FIRST_CODE
+        codes = torch.arange(self.n_bins + 1, dtype=torch.int32, device=self.device) + self.FIRST_CODE
         return torch.bitwise_left_shift(codes, self.SHIFT).view(torch.float32).double()
 
     def occupied(self, floor: float = 0.0):
@@ -102,7 +118,7 @@ class AbsHistogram:
         candidate, their error is at most their square, negligible next to the
         quantization error of the rest, and they would only slow the search."""
         lo, hi, counts = self.occupied(self.max * floor_ratio)
-        frac = (torch.arange(per_bin, dtype=torch.float64) + 0.5) / per_bin
+        frac = (torch.arange(per_bin, dtype=torch.float64, device=lo.device) + 0.5) / per_bin
         pts = lo[:, None] * (hi / lo)[:, None] ** frac[None, :]
         weights = (counts / per_bin)[:, None].expand_as(pts)
         return pts.flatten().float(), weights.flatten().float()
@@ -110,7 +126,7 @@ class AbsHistogram:
     def percentile(self, q: float) -> float:
         cdf = torch.cumsum(self.counts, 0)
         target = q / 100.0 * float(cdf[-1])
-        i = int(torch.searchsorted(cdf, torch.tensor([target], dtype=torch.float64)).clamp(max=self.n_bins))
+        i = int(torch.searchsorted(cdf, torch.tensor([target], dtype=torch.float64, device=cdf.device)).clamp(max=self.n_bins))
         if i == 0:
             return 0.0
         return min(float(self.edges()[i]), self.max)
@@ -123,28 +139,28 @@ def _per_candidate_spec(spec: QuantSpec) -> QuantSpec:
     return replace(spec, granularity="channel", axis=0, mode="static")
 
 
-def candidate_grid(amax_max: float, n: int) -> torch.Tensor:
+def candidate_grid(amax_max: float, n: int, device=None) -> torch.Tensor:
     """About n sorted candidates in (0, amax_max]: half evenly spaced, half spaced
     geometrically down to amax_max / 2**16, for heavy tails whose best clip is
     a tiny fraction of the largest value."""
     half = max(n // 2, 1)
-    k = torch.arange(half, dtype=torch.float64)
+    k = torch.arange(half, dtype=torch.float64, device=device)
     linear = amax_max * (k + 1) / half
     geometric = amax_max * torch.exp2(-16 * k / half)
     return torch.unique(torch.cat([linear, geometric])).float()
 
 
-def search_amax(score, amax_max: float, n: int) -> float:
+def search_amax(score, amax_max: float, n: int, device=None) -> float:
     """Minimise score(candidates) -> scores: a coarse grid of about n candidates,
-    then n/2 evenly spaced between the best one's neighbours."""
+    then n/2 evenly spaced between the best one's neighbours (candidates on `device`)."""
     if amax_max <= 0:
         return 0.0
-    coarse = candidate_grid(amax_max, n)
+    coarse = candidate_grid(amax_max, n, device)
     i = int(torch.argmin(score(coarse)))
     best = float(coarse[i])
     lo = float(coarse[i - 1]) if i > 0 else best / 2
     hi = float(coarse[i + 1]) if i + 1 < len(coarse) else best
-    cands = torch.cat([torch.linspace(lo, hi, max(n // 2, 2)), torch.tensor([best])])
+    cands = torch.cat([torch.linspace(lo, hi, max(n // 2, 2), device=device), torch.tensor([best], device=device)])
     return float(cands[int(torch.argmin(score(cands)))])
 
 
@@ -160,7 +176,7 @@ def mse_amax(values: torch.Tensor, weights: torch.Tensor | None, spec: QuantSpec
     if weights is None:
         weights = torch.ones_like(values, dtype=torch.float32)
     amax_max = float(values.abs().max()) if values.numel() else 0.0
-    return search_amax(lambda c: mse_scores(values, weights, spec, c), amax_max, n)
+    return search_amax(lambda c: mse_scores(values, weights, spec, c), amax_max, n, values.device)
 
 
 def entropy_scores(hist: AbsHistogram, spec: QuantSpec, cands: torch.Tensor) -> torch.Tensor:
@@ -176,14 +192,15 @@ def entropy_scores(hist: AbsHistogram, spec: QuantSpec, cands: torch.Tensor) -> 
     n_in = counts[None, :] * inside
     outliers = (counts[None, :] * ~inside).sum(1)
     last = inside.sum(1) - 1
-    rows = torch.arange(C)
+    device = counts.device
+    rows = torch.arange(C, device=device)
     p = n_in.clone()
     p[rows, last.clamp(min=0)] += outliers
     q_vals = fake_quantize(centres.float()[None, :].expand(C, -1), _per_candidate_spec(spec), cands.float())
-    cell = torch.cat([torch.zeros(C, 1, dtype=torch.long), (q_vals[:, 1:] != q_vals[:, :-1]).long().cumsum(1)], 1)
-    mass = torch.zeros(C, B, dtype=torch.float64).scatter_add_(1, cell, n_in)
+    cell = torch.cat([torch.zeros(C, 1, dtype=torch.long, device=device), (q_vals[:, 1:] != q_vals[:, :-1]).long().cumsum(1)], 1)
+    mass = torch.zeros(C, B, dtype=torch.float64, device=device).scatter_add_(1, cell, n_in)
     nz_width = widths[None, :] * (n_in > 0)
-    width_sum = torch.zeros(C, B, dtype=torch.float64).scatter_add_(1, cell, nz_width)
+    width_sum = torch.zeros(C, B, dtype=torch.float64, device=device).scatter_add_(1, cell, nz_width)
     q = mass.gather(1, cell) * nz_width / width_sum.gather(1, cell).clamp_min(1e-300)
     p = p / p.sum(1, keepdim=True).clamp_min(1e-300)
     q = q / q.sum(1, keepdim=True).clamp_min(1e-300)
@@ -200,9 +217,9 @@ def choose_amax(hist: AbsHistogram, spec: QuantSpec, mse_cfg) -> float:
         return hist.percentile(mse_cfg.percentile)
     if kind == "mse":
         values, weights = hist.points()
-        return search_amax(lambda c: mse_scores(values, weights, spec, c), hist.max, mse_cfg.candidates)
+        return search_amax(lambda c: mse_scores(values, weights, spec, c), hist.max, mse_cfg.candidates, hist.device)
     if kind == "entropy":
-        return search_amax(lambda c: entropy_scores(hist, spec, c), hist.max, mse_cfg.candidates)
+        return search_amax(lambda c: entropy_scores(hist, spec, c), hist.max, mse_cfg.candidates, hist.device)
     raise ConfigError(f"unknown mse.calibrator {kind!r}; valid: {', '.join(CALIBRATORS)}")
 
 
@@ -269,13 +286,21 @@ def configure(plan, cfg):
                            act=_static_tensor(d.act), output=_static_tensor(d.output))
     if cfg.mse.attention or plan.attention is not None:
         plan.attention = _static_tensor(plan.attention or plan.attention_base)
+    # MX operands keep dynamic block scales; NVFP4's global amax is calibrated, but the mse and
+    # entropy scores quantize histogram points, which have no blocks.
+    static_e4m3 = [s for s in role_specs(plan, "act") + role_specs(plan, "output") + [plan.attention]
+                   if s is not None and s.scale_dtype == "e4m3" and s.mode == "static"]
+    if static_e4m3 and cfg.mse.calibrator in ("mse", "entropy"):
+        raise ValueError(f"mse.calibrator={cfg.mse.calibrator} cannot score the global amax of {static_e4m3[0].format} "
+                         "(E4M3 block scales): use mse.calibrator=max (ModelOpt's) or percentile")
+    if not any(s is not None and not s.is_identity and s.mode == "static"
+               for s in role_specs(plan, "act") + role_specs(plan, "output") + [plan.attention]):
+        raise ValueError("mse calibrates static activation ranges, but no activation quantizer has one "
+                         f"(format.act={d.act.format}: fp32, or MX block scales, which stay dynamic)")
 
 
-def apply(model, calib, cfg, bar):
-    targets = [(n, q) for n, q in activation_quantizers(model)
-               if q.spec.mode == "static" and not q.spec.is_identity]
-    if not targets:
-        raise MethodError("mse: no static activation quantizer to calibrate (every activation format is fp32)")
+def collect_histograms(model, targets: list[tuple[str, Quantizer]], calib: torch.Tensor, bar) -> dict[str, AbsHistogram]:
+    """The |x| histogram of each target quantizer's input over the calibration windows (float model)."""
     hists = {n: AbsHistogram() for n, _ in targets}
     counts = SameInputCache(AbsHistogram.bin_counts)
 
@@ -289,6 +314,15 @@ def apply(model, calib, cfg, bar):
     finally:
         for _, q in targets:
             q.observer = None
+    return hists
+
+
+def apply(model, calib, cfg, bar):
+    targets = [(n, q) for n, q in activation_quantizers(model)
+               if q.spec.mode == "static" and not q.spec.is_identity]
+    if not targets:
+        raise MethodError("mse: no static activation quantizer to calibrate in this model")
+    hists = collect_histograms(model, targets, calib, bar)
     amaxes, unseen, zeros = {}, [], []
     for name, q in targets:
         h = hists[name]
@@ -299,7 +333,7 @@ def apply(model, calib, cfg, bar):
         amax = choose_amax(h, q.spec, cfg.mse)
         if amax <= 0:  # saw only zeros: any range quantizes them exactly
             zeros.append(name)
-        q.set_amax(torch.tensor(amax if amax > 0 else 1.0))
+        q.set_amax(torch.tensor(amax if amax > 0 else 1.0, device=h.device))
         amaxes[name] = amax
     if not amaxes:
         raise MethodError(f"mse: none of the {len(targets)} activation quantizers saw calibration data")
@@ -326,9 +360,6 @@ def validate(cfg):
         raise ConfigError(f"mse.percentile must be in (0, 100], got {m.percentile}")
     if m.candidates < 2:
         raise ConfigError(f"mse.candidates must be >= 2, got {m.candidates}")
-    attention = (m.attention or cfg.quant.attention) and not QuantSpec(format=cfg.format.attn or cfg.format.act).is_identity
-    if not (quantizes(cfg, "act") or quantizes(cfg, "output") or attention):
-        raise ConfigError("mse calibrates activation ranges, but every activation format is fp32 (nothing to calibrate)")
 
 
 register(Method("mse", configure=configure, apply=apply, validate=validate, needs_calibration=True))

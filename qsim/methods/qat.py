@@ -196,4 +196,8 @@ def apply(model, calib, cfg, bar, tokenizer=None):
     return finetune(model, windows, q, bar, cfg.seed)
 
 
-register(Method("qat", apply=apply, validate=validate))
+def reads(cfg):
+    return [(cfg.qat.dataset, cfg.qat.split)] if cfg.qat.steps > 0 else []
+
+
+register(Method("qat", apply=apply, validate=validate, reads=reads))

@@ -39,8 +39,8 @@ import torch
 from ..config import ConfigError
 from ..formats import IntFormat
 from ..quantizer import QuantSpec, Quantizer, SameInputCache, fake_quantize
-from ..surgery import compact_names, quantized_layers
-from . import Method, MethodError, quantizes, register
+from ..surgery import compact_names, quantized_layers, role_specs
+from . import Method, MethodError, register
 from .mse import float_passes
 from .smoothquant import features_last, trace_ids, trace_input_groups
 
@@ -53,16 +53,18 @@ def _sq_dist(x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
 
 def kmeans(points: torch.Tensor, k: int, iters: int, seed: int = 0) -> torch.Tensor:
     """Cluster labels of `points` [n, d] (k-means++ start, Lloyd steps), relabelled
-    so cluster 0 has the smallest centroid span (last - first coordinate: max - min)."""
+    so cluster 0 has the smallest centroid span (last - first coordinate: max - min).
+    Runs on the CPU (a few thousand points, step by step): the seeded draws then give
+    the same clusters whatever device the points are on. Labels come back on it."""
     n = points.shape[0]
     k = max(1, min(k, n))
-    x = points.double()
+    x = points.detach().double().cpu()
     gen = torch.Generator().manual_seed(seed)
-    centres = x[torch.randint(n, (1,), generator=gen)]
+    centres = x[torch.randint(n, (1,), generator=gen, device=x.device)]
     while len(centres) < k:
         d2 = _sq_dist(x, centres).amin(1)
         if float(d2.sum()) == 0:  # fewer distinct points than clusters
-            pick = torch.randint(n, (1,), generator=gen)
+            pick = torch.randint(n, (1,), generator=gen, device=x.device)
         else:
             pick = torch.multinomial(d2 / d2.sum(), 1, generator=gen)
         centres = torch.cat([centres, x[pick]])
@@ -81,9 +83,9 @@ def kmeans(points: torch.Tensor, k: int, iters: int, seed: int = 0) -> torch.Ten
             break
         labels = new
     span = centres[:, -1] - centres[:, 0]
-    rank = torch.empty(k, dtype=torch.long)
-    rank[torch.argsort(span, stable=True)] = torch.arange(k)
-    return rank[labels]
+    rank = torch.empty(k, dtype=torch.long, device=x.device)
+    rank[torch.argsort(span, stable=True)] = torch.arange(k, device=x.device)
+    return rank[labels].to(points.device)
 
 
 # ---------------------------------------------------------------- per-cluster quantization
@@ -133,8 +135,8 @@ class ClusterQuantizer(Quantizer):
 
 def cluster_ranges(ch_min: torch.Tensor, ch_max: torch.Tensor, labels: torch.Tensor, k: int):
     """Per-cluster [min of mins, max of maxes]."""
-    lo = torch.zeros(k).scatter_reduce(0, labels, ch_min.float(), "amin", include_self=False)
-    hi = torch.zeros(k).scatter_reduce(0, labels, ch_max.float(), "amax", include_self=False)
+    lo = ch_min.new_zeros(k, dtype=torch.float32).scatter_reduce(0, labels, ch_min.float(), "amin", include_self=False)
+    hi = ch_max.new_zeros(k, dtype=torch.float32).scatter_reduce(0, labels, ch_max.float(), "amax", include_self=False)
     return lo, hi  # an empty cluster (no channel uses it) keeps 0
 
 
@@ -157,6 +159,11 @@ def bits(spec: QuantSpec) -> int:
 def configure(plan, cfg):
     # Symmetry is chosen per layer in apply (a per-layer override may pick a minifloat).
     d = plan.default
+    scaled = [s.format for s in role_specs(plan, "act") if s.scaled is not None]
+    if scaled:
+        raise ValueError(f"rptq scales activation channel clusters; {scaled[0]} carries its own block scales")
+    if all(s.is_identity for s in role_specs(plan, "act")):
+        raise ValueError(f"rptq clusters activation ranges, but format.act is {d.act.format} (nothing to cluster)")
     act = d.act if d.act.is_identity else replace(d.act, granularity="channel", axis=-1, mode="static")
     plan.default = replace(d, weight=replace(d.weight, granularity="channel", mode="dynamic"), act=act)
 
@@ -215,10 +222,10 @@ def apply(model, calib, cfg, bar):
         ch_min, ch_max = ranges[n]
         key = torch.cat([ch_min, ch_max]).cpu().numpy().tobytes()  # q/k/v (gate/up) share one input
         if key not in labels_of:
-            labels_of[key] = kmeans(torch.stack([ch_min, ch_max], 1).cpu(), r.clusters, r.kmeans_iters, seed=cfg.seed)
-        labels = labels_of[key].to(ch_min.device)
+            labels_of[key] = kmeans(torch.stack([ch_min, ch_max], 1), r.clusters, r.kmeans_iters, seed=cfg.seed)
+        labels = labels_of[key]
         k = max(1, min(r.clusters, len(labels)))
-        lo, hi = cluster_ranges(ch_min.float().cpu(), ch_max.float().cpu(), labels.cpu(), k)
+        lo, hi = cluster_ranges(ch_min, ch_max, labels, k)
         spec = layer.input_quantizer.spec
         if n in norm_fed and bits(spec) < 8:
             spec = eight_bit_spec(spec)
@@ -226,8 +233,7 @@ def apply(model, calib, cfg, bar):
         asymmetric = r.asymmetric and isinstance(spec.fmt, IntFormat)
         spec = replace(spec, symmetric=not asymmetric)
         kinds.add("asymmetric (zero point)" if asymmetric else "symmetric")
-        device = ch_min.device
-        layer.input_quantizer = ClusterQuantizer(spec, labels, lo, hi).to(device)
+        layer.input_quantizer = ClusterQuantizer(spec, labels, lo, hi)  # buffers on the input's device
         sizes.append(int(labels.unique().numel()))
     if not sizes:
         raise MethodError(f"rptq clustered no layer: {len(channels_first)} convolution inputs, "
@@ -252,8 +258,6 @@ def validate(cfg):
         raise ConfigError(f"rptq.clusters must be >= 1, got {cfg.rptq.clusters}")
     if cfg.rptq.kmeans_iters < 1:
         raise ConfigError(f"rptq.kmeans_iters must be >= 1, got {cfg.rptq.kmeans_iters}")
-    if not quantizes(cfg, "act"):
-        raise ConfigError(f"rptq clusters activation ranges, but format.act is {cfg.format.act} (nothing to cluster)")
 
 
 register(Method("rptq", configure=configure, apply=apply, validate=validate, needs_calibration=True))

@@ -222,7 +222,7 @@ def smooth_explicitly(layer: nn.Module, s: torch.Tensor) -> None:
     if hasattr(layer, "smooth_divisor"):
         layer.smooth_divisor.mul_(s.to(layer.smooth_divisor.device))
         return
-    layer.register_buffer("smooth_divisor", s.detach().float().clone())
+    layer.register_buffer("smooth_divisor", s.detach().float().to(layer.weight.device, copy=True))
     layer.register_forward_pre_hook(_divide_input, with_kwargs=True)
 
 

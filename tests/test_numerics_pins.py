@@ -1,0 +1,79 @@
+"""Numerics pins (qsim/pins.py): a commit that changes any number qsim computes fails here
+until NUMERICS_VERSION is bumped and the pins are rewritten together, so results made
+under the old numbers are recognised as stale instead of being reused or tabled."""
+import json
+
+import pytest
+
+from qsim import NUMERICS_VERSION, pins
+
+HINT = pins.BUMP_HINT
+
+
+@pytest.fixture(scope="module")
+def pinned():
+    saved = pins.load()
+    assert saved is not None, f"{pins.PIN_FILE} is missing: run `python -m qsim.pins --update`"
+    return saved
+
+
+@pytest.fixture(scope="module")
+def exact_now():
+    with pins._one_thread():
+        return {**pins.format_pins(), **pins.quantizer_pins()}
+
+
+def test_the_pin_file_is_for_this_numerics_version(pinned):
+    assert pinned["numerics_version"] == NUMERICS_VERSION, (
+        f"qsim.NUMERICS_VERSION is {NUMERICS_VERSION} but {pins.PIN_FILE.name} was made under "
+        f"{pinned['numerics_version']}: run `python -m qsim.pins --update`")
+    assert pinned["rel_tol"] == pins.REL_TOL
+
+
+def test_every_format_and_quantizer_setting_is_pinned_bit_exactly(pinned, exact_now):
+    moved = pins.changed(pinned, {"exact": exact_now})
+    assert not moved, "numerics changed:\n  " + "\n  ".join(moved) + "\n" + HINT
+    missing = sorted(set(exact_now) - set(pinned["exact"]))
+    gone = sorted(set(pinned["exact"]) - set(exact_now))
+    assert not missing and not gone, f"pins to add {missing[:5]} / remove {gone[:5]}: run `python -m qsim.pins --update`"
+
+
+def test_every_method_preset_is_pinned(pinned):
+    wanted = {f"method/{p}/{m}" for p in pins.method_presets() for m in pins.PIN_MODELS}
+    assert wanted == set(pinned["approx"]), "a method preset was added or removed: run `python -m qsim.pins --update`"
+
+
+@pytest.mark.parametrize("preset", pins.method_presets())
+def test_method_preset_on_tiny_models_matches_its_pin(preset, pinned):
+    with pins._one_thread():
+        now = pins.method_pins([preset])
+    moved = pins.changed(pinned, {"approx": now})
+    assert not moved, "numerics changed:\n  " + "\n  ".join(moved) + "\n" + HINT
+    assert set(now) <= set(pinned["approx"]), "run `python -m qsim.pins --update`"
+
+
+# ------------------------------------------------------------ the update rule
+
+
+def _write_pins(path, version, exact, approx):
+    path.write_text(json.dumps({"numerics_version": version, "rel_tol": pins.REL_TOL, "exact": exact, "approx": approx}))
+
+
+def test_update_refuses_a_changed_value_without_a_version_bump(tmp_path):
+    path = tmp_path / "pins.json"
+    _write_pins(path, 3, {"format/x": "aa"}, {"method/m/tiny-opt": 7.0})
+    for now in ({"exact": {"format/x": "bb"}, "approx": {"method/m/tiny-opt": 7.0}},
+                {"exact": {"format/x": "aa"}, "approx": {"method/m/tiny-opt": 7.0 * (1 + 3e-5)}}):
+        with pytest.raises(pins.PinError, match="bump NUMERICS_VERSION in qsim/__init__.py to 4"):
+            pins.update(now, version=3, path=path)
+        assert json.loads(path.read_text())["exact"] == {"format/x": "aa"}  # untouched
+        with pytest.raises(pins.PinError, match="below"):
+            pins.update(now, version=2, path=path)
+    # within the band, a new pin, or a bump: written
+    within = {"exact": {"format/x": "aa", "format/new": "cc"}, "approx": {"method/m/tiny-opt": 7.0 * (1 + 5e-6)}}
+    assert "0 changed, 1 added" in pins.update(within, version=3, path=path)
+    bumped = {"exact": {"format/x": "bb", "format/new": "cc"}, "approx": {"method/m/tiny-opt": 7.5}}
+    message = pins.update(bumped, version=4, path=path)
+    assert "2 changed" in message and "numerics version 3 -> 4" in message
+    saved = json.loads(path.read_text())
+    assert saved["numerics_version"] == 4 and saved["exact"]["format/x"] == "bb" and saved["approx"]["method/m/tiny-opt"] == 7.5
