@@ -5,4 +5,4 @@ __version__ = "0.1.0"
 # another version is stale (never reused by a sweep, never shown in a table).
 # Bump it in any commit that changes a number qsim computes: tests/test_numerics_pins.py
 # fails until it is bumped and the pins are rewritten (`python -m qsim.pins --update`).
-NUMERICS_VERSION = 1
+NUMERICS_VERSION = 2

@@ -57,6 +57,8 @@ class QuantConfig:
     rounding: str = "nearest"
     scale_rule: str = "floor"  # E8M0 (MX) scales: floor (OCP v1.0) | ceil (no element saturates)
     attention: bool = False
+    v_axis: str = "head_dim"  # attention V scaled per token along head_dim (causal), or along seq
+    causal: bool = True  # false: allow scales that see later tokens or other samples (result says causal: false)
     skip: list[str] = field(default_factory=lambda: ["lm_head", "*embed*", "*project_in", "*project_out"])
     overrides: dict[str, Any] = field(default_factory=dict)
 
@@ -159,9 +161,6 @@ class RunConfig:
     progress: bool = True
 
 
-# Keys that do not change a result; left out of the config hash.
-NON_SEMANTIC = ("progress",)
-
 PROTOCOLS = ("gptq", "paper")
 MODEL_SOURCES = ("gguf", "hub", "tiny-opt")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -205,6 +204,7 @@ def validate(cfg) -> None:
     """Check every name and range; raise ConfigError with the valid choices."""
     from .methods import METHODS
     from .quantizer import GRANULARITIES, SCALE_DTYPES, SCALE_RULES, QuantSpec
+    from .surgery import V_AXES
     from .tasks import TASKS
 
     _choice("model source", cfg.model.source, MODEL_SOURCES)
@@ -224,6 +224,7 @@ def validate(cfg) -> None:
             raise ConfigError(f"quant.{role}.block must be >= 1, got {q.block}")
     _choice("quant.rounding", cfg.quant.rounding, ROUNDINGS)
     _choice("quant.scale_rule", cfg.quant.scale_rule, SCALE_RULES)
+    _choice("quant.v_axis", cfg.quant.v_axis, V_AXES)
     for pattern, override in (cfg.quant.overrides or {}).items():
         if not hasattr(override, "keys"):
             raise ConfigError(f"quant.overrides[{pattern!r}] must map weight/act/output to a format")

@@ -304,6 +304,22 @@ class _StraightThrough(torch.autograd.Function):
         return torch.where(inside, grad, torch.zeros_like(grad)), None, None
 
 
+def shared_scale_axes(spec: QuantSpec, ndim: int) -> frozenset[int]:
+    """The axes (0..ndim-1) of an ndim tensor along which elements share one dynamic scale:
+    a scale depends on every element of its group, so on whatever those axes index.
+    Static scales are constants and share nothing; casts (fp32, fp16, bf16) have no scale."""
+    if isinstance(spec.fmt, CastFormat) or spec.mode == "static":
+        return frozenset()
+    if spec.granularity == "tensor":
+        return frozenset(range(ndim))
+    axis = spec.axis % ndim
+    if spec.granularity == "channel":
+        return frozenset(range(ndim)) - {axis}
+    if spec.granularity == "block" and spec.block == 1:
+        return frozenset()
+    return frozenset({axis})  # token, block: a vector (or block of it) along axis
+
+
 def _reduce_dims(view: torch.Tensor, spec: QuantSpec) -> tuple[int, ...] | None:
     """Dims that one scale covers, in the (possibly blocked) view; None = all."""
     if spec.granularity == "tensor":

@@ -24,11 +24,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULT_FILE = "result.json"
 
 
-# Keys that cannot change a result. progress is display only. model.device_map says
-# where accelerate places the layers, not what they compute: the same config gives the
-# same numbers on any placement up to the float differences between devices, which the
-# identity does not cover between two CPUs either (the pins' tolerance is for those).
-NON_SEMANTIC = {("progress",), ("model", "device_map")}
+# Keys that cannot change a result (display, device placement; quant.causal only permits a
+# non-causal plan, whose result records causal: false itself).
+NON_SEMANTIC = {("progress",), ("model", "device_map"), ("quant", "causal")}
 
 # What result.json records about its identity (see `identity_fields`).
 IDENTITY_FIELDS = ("identity", "config_hash", "config_changes", "data", "numerics_version")

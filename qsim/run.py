@@ -18,7 +18,8 @@ from .methods import METHODS
 from .models import load_model, skeleton_layer_names
 from .quantizer import QuantSpec
 from .results import RESULT_FILE, identity_fields, versions, write_json_atomic
-from .surgery import LayerQuant, SurgeryError, SurgeryPlan, check_patterns, compact_names, freeze_quantized_weights, quantize_model
+from .surgery import (LayerQuant, SurgeryError, SurgeryPlan, check_patterns, compact_names, freeze_quantized_weights,
+                      model_leaks, plan_leaks, quantize_model)
 from .tasks import TASKS
 
 log = logging.getLogger("qsim")
@@ -66,6 +67,7 @@ def build_plan(cfg) -> SurgeryPlan:
         attention_base=attn_base,
         skip=tuple(q.skip),
         overrides={k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for k, v in (q.overrides or {}).items()},
+        v_axis=q.v_axis,
     )
     for step in cfg.method.steps:
         METHODS[step].configure(plan, cfg)
@@ -85,6 +87,7 @@ def preflight(cfg) -> SurgeryPlan:
         plan = build_plan(cfg)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    check_causal(plan_leaks(plan), cfg, ConfigError)
     names = skeleton_layer_names(cfg.model)
     if names is not None and plan.overrides:
         try:
@@ -130,6 +133,14 @@ def calibrate(model, tokenizer, cfg, progress: Progress | None = None) -> dict:
     return method_facts
 
 
+def check_causal(leaks: list[str], cfg, error: type[Exception]) -> None:
+    """Stop on a non-causal quantization unless the user opted in with quant.causal=false."""
+    if leaks and cfg.quant.causal:
+        more = f" (and {len(leaks) - 1} more)" if len(leaks) > 1 else ""
+        raise error(f"non-causal quantization: {leaks[0]}{more}, so a position's scale would see later tokens "
+                    "or other samples; set quant.causal=false to run it anyway (result.json then says causal: false)")
+
+
 def run(cfg, out_dir: Path) -> dict:
     """Run one configuration end to end and write out_dir/result.json."""
     out_dir = Path(out_dir)
@@ -161,6 +172,8 @@ def run(cfg, out_dir: Path) -> dict:
             report = quantize_model(lm.model, plan)
         with phase("calibrate"):
             method_facts = calibrate(lm.model, lm.tokenizer, cfg, progress)
+        leaks = model_leaks(lm.model)  # the quantizers as the methods left them
+        check_causal(leaks, cfg, SurgeryError)
         frozen = freeze_quantized_weights(lm.model)  # eval only: no float copies kept
         with phase("evaluate"):
             out = TASKS[cfg.task.name].evaluate(lm, cfg, Bar(progress, f"evaluate {cfg.task.name}"))
@@ -188,6 +201,8 @@ def run(cfg, out_dir: Path) -> dict:
         "seq_len": cfg.task.seq_len,
         "protocol": cfg.task.protocol,
         "eval": out,
+        "causal": not leaks,
+        "causal_leaks": leaks,
         "tokens_evaluated": out.get("tokens_evaluated"),
         "quantized": {
             "layers": len(report.layers),
@@ -202,6 +217,7 @@ def run(cfg, out_dir: Path) -> dict:
             "weight": _spec_dict(plan.default.weight),
             "act": _spec_dict(plan.default.act),
             "attention": _spec_dict(plan.attention) if report.attention_sites else None,
+            "attention_v_axis": plan.v_axis if report.attention_sites else None,
         },
         "methods": method_facts,
         "timings": {**timings, "total": round(time.time() - t_start, 3)},

@@ -26,8 +26,13 @@
 - Attention matmuls (Q, K for QK^T; softmax probabilities P and V for PV) are
   quantized by an attention function registered with transformers'
   AttentionInterface as "qsim" and selected on the model config; no attention
-  class is copied. V is scaled along the sequence axis, the reduction axis of PV
-  (MX/NVFP4 V: blocks along head_dim, so each position's scale is its own).
+  class is copied. V is scaled per token along head_dim (as KV-cache quantizers
+  do), or along the sequence (PV's reduction axis) with `v_axis="seq"`
+  (MX/NVFP4 V too: blocks along head_dim, one scale set per position).
+- Causality is decided from the quantizer specs alone (`scale_leak`): a dynamic
+  scale shared along positions sees later tokens, one shared along the batch
+  sees other samples. `plan_leaks` checks a plan before loading, `model_leaks`
+  the quantizers a model really has after the methods ran.
 """
 from __future__ import annotations
 
@@ -40,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quantizer import QuantSpec, Quantizer
+from .quantizer import QuantSpec, Quantizer, shared_scale_axes
 
 ATTN_IMPLEMENTATION = "qsim"
 
@@ -65,6 +70,7 @@ class SurgeryPlan:
     attention_base: QuantSpec | None = None  # the attention format, for methods that switch attention on
     skip: tuple[str, ...] = ()
     overrides: dict[str, dict] = field(default_factory=dict)  # pattern -> {weight|act|output: format}
+    v_axis: str = "head_dim"  # V's scaled axis for token/block scaling: head_dim (causal) or seq
 
 
 @dataclass
@@ -255,18 +261,27 @@ def quantized_layers(model: nn.Module):
 
 # ---------------------------------------------------------------- attention
 
+V_AXES = ("head_dim", "seq")
+
+
+def attention_specs(spec: QuantSpec, v_axis: str = "head_dim") -> dict[str, QuantSpec]:
+    """The operand specs of one attention site. Q and K are scaled along head_dim (QK^T's
+    reduction axis), P along the keys (PV's reduction axis). V along head_dim is one vector per
+    token, as a KV cache stores it (causal); v_axis="seq" scales V along the positions, PV's
+    reduction axis, so a block's scale sees later tokens."""
+    if v_axis not in V_AXES:
+        raise SurgeryError(f"unknown V axis {v_axis!r}; valid: {', '.join(V_AXES)}")
+    v = replace(spec, axis=-2) if v_axis == "seq" and spec.granularity in ("token", "block") else spec
+    return {"q": spec, "k": spec, "v": v, "p": spec}
+
+
 class AttentionQuantizers(nn.Module):
     """The four operand quantizers of one attention site, plus a call counter."""
 
-    def __init__(self, spec: QuantSpec):
+    def __init__(self, spec: QuantSpec, v_axis: str = "head_dim"):
         super().__init__()
-        self.q = Quantizer(_act_spec(spec, -1))
-        self.k = Quantizer(_act_spec(spec, -1))
-        self.p = Quantizer(_act_spec(spec, -1))
-        v_axis = -2 if spec.granularity in ("token", "block") else spec.axis
-        if spec.scaled is not None:  # MX/NVFP4 V: blocks along head_dim, per position (causal)
-            v_axis = -1
-        self.v = Quantizer(replace(spec, axis=v_axis))  # PV reduces over the key positions
+        specs = attention_specs(spec, v_axis)
+        self.q, self.k, self.v, self.p = (Quantizer(specs[op]) for op in "qkvp")
         self.calls = 0
 
 
@@ -277,8 +292,40 @@ def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x[:, :, None].expand(b, h, groups, t, d).reshape(b, h * groups, t, d)
 
 
-def qsim_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Eager attention with quantized QK^T and PV operands (registered as "qsim")."""
+# Arguments that transformers' eager attention receives and leaves unused too, and why.
+UNUSED_ATTENTION_ARGS = {
+    "sliding_window": "the attention mask already limits each query to its window",
+    "is_causal": "the attention mask already holds the causal (or bidirectional) pattern",
+    "position_ids": "positions are in Q and K already (RoPE) and packed sequences in the mask",
+    "use_cache": "the KV cache was updated before the call",
+    "encoder_hidden_states": "cross-attention K and V were projected from it before the call",
+    "output_attentions": "the model records the returned attention weights itself",
+    "output_hidden_states": "read by the model, not by attention",
+    "output_router_logits": "read by the model's MoE router, not by attention",
+    "num_items_in_batch": "read by the loss, not by attention",
+    "cu_seq_lens_q": "flash-attention varlen metadata; the eager mask holds the same packing",
+    "cu_seq_lens_k": "flash-attention varlen metadata; the eager mask holds the same packing",
+    "max_length_q": "flash-attention varlen metadata; the eager mask holds the same packing",
+    "max_length_k": "flash-attention varlen metadata; the eager mask holds the same packing",
+    "seq_idx": "packed-sequence index for kernels that take one; the eager mask holds the packing",
+}
+
+
+def qsim_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                   softcap=None, position_bias=None, s_aux=None, **kwargs):
+    """Eager attention with quantized QK^T and PV operands (registered as "qsim").
+
+    Implements what the families' eager functions do with their arguments: `softcap` (Gemma-2:
+    tanh capping of the scores), `position_bias` (T5: added to the scores before the mask),
+    `s_aux` (attention sinks, GPT-OSS: one extra logit per head in the softmax, dropped after).
+    Arguments in UNUSED_ATTENTION_ARGS are unused by eager attention too; any other one stops
+    the run. The softmax runs in fp32 (as Llama's eager; GPT-2/BERT/T5 use the input dtype,
+    which differs only for half-precision models)."""
+    unknown = [name for name in kwargs if name not in UNUSED_ATTENTION_ARGS]
+    if unknown:
+        model_type = getattr(getattr(module, "config", None), "model_type", "?")
+        raise SurgeryError(f"{type(module).__name__} ({model_type}) passes {unknown[0]}= to attention, which qsim's "
+                           "attention does not implement; turn attention quantization off to keep the model's own")
     aq: AttentionQuantizers | None = getattr(module, "qsim_attn", None)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
@@ -288,9 +335,19 @@ def qsim_attention(module, query, key, value, attention_mask, scaling=None, drop
     groups = query.shape[1] // key.shape[1]
     key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if position_bias is not None:
+        scores = scores + position_bias
     if attention_mask is not None:
         scores = scores + attention_mask[:, :, :, : key.shape[-2]]
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    if s_aux is not None:
+        sinks = s_aux.reshape(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[-2], -1)
+        logits = torch.cat([scores, sinks], dim=-1)
+        logits = logits - logits.max(dim=-1, keepdim=True).values
+        probs = torch.softmax(logits, dim=-1, dtype=logits.dtype)[..., :-1].to(query.dtype)
+    else:
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     probs = F.dropout(probs, p=dropout, training=module.training)
     if aq is not None:
         probs = aq.p(probs)
@@ -325,6 +382,75 @@ def _set_attn_implementation(model: nn.Module, name: str) -> None:
     configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config") and hasattr(m.config, "_attn_implementation")}
     for cfg in configs.values():
         cfg._attn_implementation = name
+
+
+# ---------------------------------------------------------------- causality
+
+# What each axis of a quantized tensor indexes. Layer activations are [batch, position, feature]
+# (convolutions: [batch, feature, position...]); attention Q, K, V are [batch, head, position,
+# head_dim] and the probabilities P are [batch, head, query position, key].
+ACT_LAYOUT = ("batch", "position", "feature")
+ATTENTION_LAYOUTS = {op: ("batch", "head", "position", "feature") for op in "qkv"}
+ATTENTION_LAYOUTS["p"] = ("batch", "head", "position", "key")
+
+
+def scale_leak(spec: QuantSpec, layout: tuple[str, ...]) -> str | None:
+    """Why a quantizer with `spec` on a tensor laid out as `layout` is not causal, or None.
+    A dynamic scale shared along positions depends on later tokens; one shared along the batch
+    makes a sample depend on the others. Sharing along P's keys is causal: the mask makes the
+    probabilities of later keys exactly 0, so they never raise a scale. (In a bidirectional
+    model attention sees every position anyway; quantization adds nothing to that.)"""
+    shared = {layout[a] for a in shared_scale_axes(spec, len(layout))}
+    crossed = [name for what, name in (("position", "positions"), ("batch", "the batch")) if what in shared]
+    if not crossed:
+        return None
+    scaling = {"tensor": "per-tensor", "channel": f"per-channel (axis {spec.axis})",
+               "token": f"per-vector (axis {spec.axis})", "block": f"{spec.block}-blocks (axis {spec.axis})"}
+    return f"dynamic {scaling[spec.granularity]} scales span {' and '.join(crossed)}"
+
+
+def _layer_layout(layer: nn.Module) -> tuple[str, ...]:
+    if layer.input_axis == -1:
+        return ACT_LAYOUT
+    return ("batch", "feature") + ("position",) * (layer.weight.dim() - 2)
+
+
+def _unique(items: list[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+def plan_leaks(plan: SurgeryPlan) -> list[str]:
+    """The plan's non-causal quantizers as "where: why" (empty: causal), before any model exists.
+    Activation axes are read as in a linear's input [batch, position, feature]."""
+    found = []
+    layer_specs = {"": plan.default}
+    layer_specs.update({f" [{p}]": _apply_override(plan.default, o) for p, o in plan.overrides.items()})
+    for tag, lq in layer_specs.items():
+        for role, spec in (("layer inputs", lq.act), ("layer outputs", lq.output)):
+            if (why := scale_leak(spec, ACT_LAYOUT)) is not None:
+                found.append(f"{role}{tag}: {why}")
+    if plan.attention is not None:
+        for op, spec in attention_specs(plan.attention, plan.v_axis).items():
+            if (why := scale_leak(spec, ATTENTION_LAYOUTS[op])) is not None:
+                found.append(f"attention {op.upper()}: {why}")
+    return _unique(found)
+
+
+def model_leaks(model: nn.Module) -> list[str]:
+    """The same check on the quantizers a model has now (after the methods' apply, which may
+    change scalings), as "where: why"; weights are constants and never leak."""
+    found = []
+    for _, layer in quantized_layers(model):
+        for role in ("input", "output"):
+            q = getattr(layer, f"{role}_quantizer")
+            if q.active and (why := scale_leak(q.spec, _layer_layout(layer))) is not None:
+                found.append(f"layer {role}s: {why}")
+    for _, aq in attention_quantizers(model):
+        for op in "qkvp":
+            q = getattr(aq, op)
+            if q.active and (why := scale_leak(q.spec, ATTENTION_LAYOUTS[op])) is not None:
+                found.append(f"attention {op.upper()}: {why}")
+    return _unique(found)
 
 
 # ---------------------------------------------------------------- the one entry point
@@ -464,7 +590,7 @@ def quantize_model(model: nn.Module, plan: SurgeryPlan) -> SurgeryReport:
         register_attention()
         for name, module in model.named_modules():
             if _dispatches_attention(module) and not _matches(name, plan.skip):
-                module.qsim_attn = AttentionQuantizers(plan.attention)
+                module.qsim_attn = AttentionQuantizers(plan.attention, plan.v_axis)
                 report.attention_sites.append(name)
         if not report.attention_sites:
             raise SurgeryError(

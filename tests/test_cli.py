@@ -33,6 +33,9 @@ BAD_INPUT = [
     (["abfp.n=abc"], "abfp.n", "abc"),
     (["method=abfp", "abfp.scale_format=bf16"], "scale_format must be an int or minifloat format", "e4m3"),
     (["method=gptq-abfp", "abfp.scale_format=int8"], "abfp.scale_format", "not supported"),
+    (["format=w4a8", "method=abfp", "quant.v_axis=seq"], "non-causal quantization: attention V", "set quant.causal=false"),
+    (["format=w4a8", "quant.act.granularity=tensor"], "non-causal quantization: layer inputs", "set quant.causal=false"),
+    (["quant.v_axis=rows"], "unknown quant.v_axis 'rows'; valid: ", "head_dim"),
 ]
 
 

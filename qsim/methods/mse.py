@@ -326,8 +326,8 @@ def apply(model, calib, cfg, bar):
     amaxes, unseen, zeros = {}, [], []
     for name, q in targets:
         h = hists[name]
-        if h.total == 0:  # never reached by the calibration text: keep a usable dynamic range
-            q.configure(mode="dynamic")
+        if h.total == 0:  # never reached by the calibration text: a usable (and causal) per-token dynamic range
+            q.configure(mode="dynamic", granularity="token", axis=-1)
             unseen.append(name)
             continue
         amax = choose_amax(h, q.spec, cfg.mse)
