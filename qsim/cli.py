@@ -107,13 +107,13 @@ def _job_variants(overrides: list[str]) -> list[list[str]]:
 def _explain_compose_error(err: Exception, overrides: list[str]) -> str:
     from hydra.errors import MissingConfigException
 
-    from .config import group_choices
+    from .config import CONF_DIR, group_choices
 
     text = str(err)
     if isinstance(err, MissingConfigException) or "Could not find" in text:
         for o in overrides:
             key, _, value = o.lstrip("+~").partition("=")
-            if "." not in key and "/" not in key and (Path(__file__).parent.parent / "conf" / key).is_dir():
+            if "." not in key and "/" not in key and (CONF_DIR / key).is_dir():
                 if value not in group_choices(key):
                     return f"unknown {key} {value!r}; valid: {', '.join(group_choices(key))}"
     cause = err.__cause__ or err

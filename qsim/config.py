@@ -10,7 +10,10 @@ from omegaconf import MISSING
 
 # formats and quantizer (torch) are imported where used: `qsim tables` reads the
 # schema's defaults (result identity) without loading torch.
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+# The repo's conf/, beside the code: qsim/conf is a symlink to it in a checkout and a copy
+# (package data) in an installed wheel, so one path serves every install.
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 ROUNDINGS = ("nearest", "away", "stochastic")
 
 

@@ -180,27 +180,32 @@ def load_model(cfg, progress=None) -> LoadedModel:
     raise ModelLoadError(f"unknown model source {cfg.source!r}")
 
 
-def skeleton_layer_names(cfg) -> list[str] | None:
-    """Quantizable layer names from the config alone (meta device), to check
-    override patterns before any weight loads; None when the config is not at hand."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def model_config(cfg):
+    """The transformers config of a ModelConfig without its weights; None when it is not at hand
+    (a hub model offline)."""
+    from transformers import AutoConfig
+
+    if cfg.source == "tiny-opt":
+        return tiny_opt_config(cfg.post_ln)
+    if cfg.source == "gguf":
+        cached = _smollm2_cache()
+        if (cached / "config.json").exists():
+            return AutoConfig.from_pretrained(cached)
+        gguf = smollm2_gguf_path()  # reads only the GGUF header, not the weights
+        return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    try:
+        return AutoConfig.from_pretrained(cfg.paper_hf_id if cfg.checkpoint == "paper" else cfg.hf_id)
+    except OSError:
+        return None
+
+
+def skeleton_layer_names(config) -> list[str]:
+    """Quantizable layer names from a model config alone (meta device), to check override
+    patterns before any weight loads."""
+    from transformers import AutoModelForCausalLM
 
     from .surgery import quantizable_names
 
-    if cfg.source == "tiny-opt":
-        config = tiny_opt_config(cfg.post_ln)
-    elif cfg.source == "gguf":
-        cached = _smollm2_cache()
-        if (cached / "config.json").exists():
-            config = AutoConfig.from_pretrained(cached)
-        else:  # reads only the GGUF header, not the weights
-            gguf = smollm2_gguf_path()
-            config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    else:
-        try:
-            config = AutoConfig.from_pretrained(cfg.paper_hf_id if cfg.checkpoint == "paper" else cfg.hf_id)
-        except OSError:
-            return None
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     return quantizable_names(model)

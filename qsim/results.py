@@ -220,6 +220,8 @@ def write_json_atomic(path: Path, payload: dict) -> None:
 
 
 def git_sha() -> str | None:
+    if not (REPO_ROOT / ".git").exists():  # an installed wheel: not the sha of a repo that happens to enclose it
+        return None
     try:
         out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
         sha = out.stdout.strip()

@@ -15,7 +15,7 @@ from rich.table import Table
 from . import data
 from .config import ConfigError, validate
 from .methods import METHODS
-from .models import load_model, skeleton_layer_names
+from .models import load_model, model_config, skeleton_layer_names
 from .quantizer import QuantSpec
 from .results import RESULT_FILE, identity_fields, versions, write_json_atomic
 from .surgery import (LayerQuant, SurgeryError, SurgeryPlan, check_patterns, compact_names, freeze_quantized_weights,
@@ -88,13 +88,32 @@ def preflight(cfg) -> SurgeryPlan:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     check_causal(plan_leaks(plan), cfg, ConfigError)
-    names = skeleton_layer_names(cfg.model)
-    if names is not None and plan.overrides:
-        try:
-            check_patterns(names, plan)
-        except SurgeryError as err:
-            raise ConfigError(str(err)) from None
+    config = model_config(cfg.model)
+    if config is not None:
+        check_positions(cfg, getattr(config, "max_position_embeddings", None))
+        if plan.overrides:
+            try:
+                check_patterns(skeleton_layer_names(config), plan)
+            except SurgeryError as err:
+                raise ConfigError(str(err)) from None
     return plan
+
+
+def check_positions(cfg, max_positions: int | None) -> None:
+    """Every window the run feeds the model fits its position table (a longer one would
+    index past it, or silently extrapolate)."""
+    if max_positions is None:
+        return
+    lengths = {"task.seq_len": cfg.task.seq_len}
+    steps = [METHODS[s] for s in cfg.method.steps]
+    if any(m.needs_calibration for m in steps):
+        lengths["calib.seq_len"] = cfg.calib.seq_len
+    if "qat" in cfg.method.steps:
+        lengths["qat.seq_len"] = cfg.qat.seq_len
+    for key, length in lengths.items():
+        if length > max_positions:
+            raise ConfigError(f"{key}={length} is longer than model {cfg.model.name!r} has positions "
+                              f"({max_positions}); set {key}<={max_positions}")
 
 
 def data_read(cfg) -> dict:

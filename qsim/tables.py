@@ -42,10 +42,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from .results import NON_SEMANTIC, REPO_ROOT, load_results, stale_reason
+from .results import NON_SEMANTIC, load_results, stale_reason
 
-PAPER_CSV = REPO_ROOT / "results" / "paper" / "int_fp_qsim_tables.csv"
-CONF = REPO_ROOT / "conf"
+# results/paper/ and conf/, beside the code (symlinks in a checkout, package data in a wheel)
+PAPER_CSV = Path(__file__).resolve().parent / "paper" / "int_fp_qsim_tables.csv"
+CONF = Path(__file__).resolve().parent / "conf"
 MODEL_CONF_DIR = CONF / "model"
 
 TABLES = ("I", "II", "III", "IV", "V", "VI", "VII", "VIII", "X")

@@ -13,7 +13,7 @@ from qsim.quantizer import QuantSpec, fake_quantize
 from qsim.run import build_plan, preflight
 from qsim.surgery import quantize_model, quantized_layers
 
-from conftest import cfg
+from conftest import cfg, pinned
 
 # ---------------------------------------------------------------- GPTQ on one layer
 
@@ -162,8 +162,9 @@ def test_gptq_end_to_end_run(tmp_path):
     c = cfg("format=w4a16", "method=gptq", "calib.n_samples=4", "calib.seq_len=128",
             "task.max_windows=2", "task.seq_len=256", "progress=false")
     result = run(c, tmp_path)
-    assert math.isfinite(result["value"]) and result["value"] < 200
     facts = result["methods"]["gptq"]
+    assert pinned(result["value"], 60.10006563699965), result["value"]
+    assert pinned(facts["error_ratio_mean"], 0.11153775589768854), facts["error_ratio_mean"]
     assert facts["layers"] == 210 and facts["seconds"] > 0
     assert (tmp_path / "result.json").exists()
 
@@ -245,7 +246,8 @@ def test_qat_on_smollm2_steps(smollm2):
     q_proj = smollm2.model.model.layers[0].self_attn.q_proj
     w0 = q_proj.weight.detach().clone()
     facts = apply(smollm2.model, None, c, None, tokenizer=smollm2.tokenizer)
-    assert math.isfinite(facts["loss_last"]) and facts["grad_checkpointing"]
+    assert facts["grad_checkpointing"]
+    assert pinned(facts["loss_first"], 6.046996593475342) and pinned(facts["loss_last"], 5.572321891784668), facts
     assert torch.equal(smollm2.model.model.embed_tokens.weight, emb)
     assert not torch.equal(q_proj.weight, w0)
     assert facts["frozen_params"] == emb.numel()

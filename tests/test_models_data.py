@@ -8,6 +8,8 @@ from qsim import data
 from qsim.models import load_smollm2, load_tiny_opt, smollm2_gguf_path
 from qsim.tasks import perplexity, token_stream
 
+from conftest import pinned
+
 
 def test_smollm2_cache_loads_the_same_weights():
     first = load_smollm2()
@@ -21,11 +23,50 @@ def test_smollm2_cache_loads_the_same_weights():
 
 def test_smollm2_fp32_perplexity_is_that_of_a_real_lm(smollm2, wikitext_ids):
     out = perplexity(smollm2.model, wikitext_ids, seq_len=512, max_windows=2, batch_size=2)
-    # ~29 on the first 20k tokens; two windows land near it, a broken model lands in the thousands
-    assert 15 < out["value"] < 50
+    assert pinned(out["value"], 28.232813979087478), out["value"]  # float: no quantizer can move it
     assert out["windows"] == 2 and out["tokens_evaluated"] == 1024 and out["tokens_predicted"] == 2 * 511
     single = perplexity(smollm2.model, wikitext_ids, seq_len=512, max_windows=2, batch_size=1)
     assert math.isclose(single["value"], out["value"], rel_tol=1e-4)
+
+
+def _labels_perplexity(model, ids: torch.Tensor, seq_len: int, windows: int) -> float:
+    """The model's own loss (transformers' causal-LM loss with labels=input_ids), per window,
+    each window's mean NLL weighted by its predicted tokens."""
+    total_nll, total_tokens = 0.0, 0
+    with torch.no_grad():
+        for w in range(windows):
+            window = ids[w * seq_len : (w + 1) * seq_len].view(1, seq_len)
+            loss = model(input_ids=window, labels=window, use_cache=False).loss
+            total_nll += float(loss) * (seq_len - 1)
+            total_tokens += seq_len - 1
+    return math.exp(total_nll / total_tokens)
+
+
+def _assert_perplexity_is_the_models_own(model, ids, seq_len=128, windows=3):
+    expected = _labels_perplexity(model, ids, seq_len, windows)
+    for batch_size in (1, windows):
+        out = perplexity(model, ids, seq_len=seq_len, max_windows=windows, batch_size=batch_size)
+        assert out["windows"] == windows and out["tokens_predicted"] == windows * (seq_len - 1)
+        # fp32 sums in another order: ~1e-7 apart; a shifted label or a dropped token is > 1e-3
+        assert abs(out["value"] - expected) / expected < 1e-5, (batch_size, out["value"], expected)
+
+
+@pytest.mark.slow
+def test_perplexity_is_smollm2s_own_labels_loss(smollm2, wikitext_ids):
+    _assert_perplexity_is_the_models_own(smollm2.model, wikitext_ids)
+
+
+def test_perplexity_is_tiny_opts_own_labels_loss_float_and_quantized():
+    from qsim.run import build_plan
+    from qsim.surgery import quantize_model
+
+    from conftest import cfg
+
+    lm = load_tiny_opt(False, torch.float32)
+    ids = data.tokenize(lm.tokenizer, data.join_text(data.load_rows("wikitext2", "test")[:200]))
+    _assert_perplexity_is_the_models_own(lm.model, ids)
+    quantize_model(lm.model, build_plan(cfg("model=tiny-opt", "format=w4a8")))
+    _assert_perplexity_is_the_models_own(lm.model, ids)
 
 
 def test_gptq_protocol_tail_dropped(wikitext_ids):

@@ -220,23 +220,19 @@ PAPER_EXPERIMENTS = [e for e in EXPERIMENTS if e.startswith(("table", "figure"))
 
 @pytest.fixture(scope="module")
 def composed():
-    """experiment -> ([(job overrides, config)], method presets not written yet), every job composed once."""
+    """experiment -> [(job overrides, config)], every job composed once; a job that does not
+    compose (e.g. a method preset missing from conf/method/) fails every test that uses it."""
     with conf_context():
         jobs = {e: expand_jobs([f"+experiment={e}"]) for e in EXPERIMENTS}
         configs = iter(compose_jobs([job for e in EXPERIMENTS for job in jobs[e]]))
     out = {}
     for e in EXPERIMENTS:
-        good, pending = [], set()
+        out[e] = []
         for job in jobs[e]:
             cfg = next(configs)
             if isinstance(cfg, Exception):
-                missing = str(cfg).split("'method/")[-1].split("'")[0] if "'method/" in str(cfg) else None
-                if missing and not (CONF_DIR / "method" / f"{missing}.yaml").exists():
-                    pending.add(missing)
-                    continue
                 raise AssertionError(f"{e}: {job}: {cfg}")
-            good.append((job, cfg))
-        out[e] = (good, pending)
+            out[e].append((job, cfg))
     return out
 
 
@@ -257,8 +253,8 @@ def test_experiments_are_the_paper_tables_and_figures():
 def test_experiment_covers_every_paper_cell_and_its_offline_variant_the_same_columns(experiment, composed):
     from qsim.config import validate
 
-    good, pending = composed[experiment]
-    offline, pending_offline = composed[f"{experiment}-offline"]
+    good = composed[experiment]
+    offline = composed[f"{experiment}-offline"]
     for _, cfg in good + offline:
         validate(cfg)
     cells = {_cell(cfg) for _, cfg in good}
@@ -271,7 +267,6 @@ def test_experiment_covers_every_paper_cell_and_its_offline_variant_the_same_col
                   "figure5": [("int4", "int8", "abfp"), ("int4", "int8", "abfp-qat")]}[experiment]
         rows = list(dict.fromkeys(p.row for p in paper if p.table == "II"))
         wanted = {(r, Column(w, a, m, n)) for r in rows for (w, a, m) in series for n in (64, 128)}
-    wanted = {c for c in wanted if c[1].method not in pending}
     assert wanted <= cells, sorted(wanted - cells, key=str)[:5]
     assert all(row.is_paper_eval for row, _ in cells)  # whole validation split, run_clm, paper checkpoint, no variant
     # offline: one SmolLM2 row with a small window count, the same columns
@@ -279,12 +274,10 @@ def test_experiment_covers_every_paper_cell_and_its_offline_variant_the_same_col
     assert all(cfg.task.max_windows and cfg.task.max_windows <= 16 for _, cfg in offline)
     assert {_cell(cfg)[1] for _, cfg in offline} == {col for _, col in cells}
     assert all(_cell(cfg)[0].variant == () for _, cfg in offline)  # one offline row: each job is its cell's definition
-    if pending | pending_offline:
-        pytest.skip(f"checked all but the jobs of method presets not written yet: {sorted(pending | pending_offline)}")
 
 
 def test_the_opt_rows_name_the_paper_checkpoints(composed):
-    good, _ = composed["table2"]
+    good = composed["table2"]
     ids = {cfg.model.paper_hf_id for _, cfg in good}
     assert {cfg.model.checkpoint for _, cfg in good} == {"paper"}
     assert ids == {"Aalaa/opt-125m-finetuned-wikitext2", "lnair/opt-350m-wikitext2", "lnair/opt-1.3b-wikitext2",
