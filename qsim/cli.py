@@ -232,6 +232,7 @@ def hydra_app() -> None:
     def _job(cfg: DictConfig) -> float | None:
         from . import data
         from .config import ConfigError
+        from .methods import MethodError
         from .models import ModelLoadError
         from .run import run
         from .surgery import SurgeryError
@@ -242,7 +243,7 @@ def hydra_app() -> None:
         out_dir = Path(HydraConfig.get().runtime.output_dir)
         try:
             return run(cfg, out_dir)["value"]
-        except (ConfigError, data.DataError, ModelLoadError, SurgeryError) as err:
+        except (ConfigError, data.DataError, MethodError, ModelLoadError, SurgeryError) as err:
             logging.getLogger("qsim").error("%s", err)
             fail(str(err))
 

@@ -86,15 +86,20 @@ def load_rows(dataset: str, split: str) -> list[str]:
 
 
 def _read_offline(path: Path) -> list[str]:
-    if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            return [json.loads(line)["text"] for line in f]
-    if path.suffix == ".tsv":
-        with path.open(encoding="utf-8", newline="") as f:
+    return list(_offline_rows(path))
+
+
+def _offline_rows(path: Path):
+    """The rows of an offline file, one at a time (a check for text stops at the first)."""
+    with path.open(encoding="utf-8", newline="" if path.suffix == ".tsv" else None) as f:
+        if path.suffix == ".jsonl":
+            yield from (json.loads(line)["text"] for line in f)
+        elif path.suffix == ".tsv":
             reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-            next(reader)  # header
-            return [row[0] for row in reader if row]
-    return path.read_text(encoding="utf-8").splitlines()
+            next(reader, None)  # header
+            yield from (row[0] for row in reader if row)
+        else:
+            yield from (line.rstrip("\n") for line in f)
 
 
 def check_available(dataset: str, split: str) -> None:
@@ -105,6 +110,8 @@ def check_available(dataset: str, split: str) -> None:
             raise DataError(f"no offline copy of {dataset} {split} exists; {DATA_ENV} data has: "
                             + ", ".join(f"{d} {s}" for (d, s) in OFFLINE_FILES if has_offline(d, s)))
         raise DataError(f"{DATA_ENV}={data_dir()} has no {expected}")
+    if data_dir() is not None and not any(row.strip() for row in _offline_rows(offline_path(dataset, split))):
+        raise DataError(f"{offline_path(dataset, split)} holds no text: {dataset} {split} would give no tokens")
 
 
 def data_identity(dataset: str, split: str) -> dict:

@@ -18,8 +18,8 @@ from .methods import METHODS
 from .models import load_model, model_config, skeleton_layer_names
 from .quantizer import QuantSpec
 from .results import RESULT_FILE, identity_fields, versions, write_json_atomic
-from .surgery import (LayerQuant, SurgeryError, SurgeryPlan, check_patterns, freeze_quantized_weights, model_leaks,
-                      plan_leaks, quantize_model)
+from .surgery import (LayerQuant, SurgeryError, SurgeryPlan, check_patterns, compact_names, freeze_quantized_weights,
+                      model_leaks, plan_leaks, quantize_model)
 from .tasks import TASKS
 
 log = logging.getLogger("qsim")
@@ -226,6 +226,8 @@ def run(cfg, out_dir: Path) -> dict:
         "quantized": {
             "layers": len(report.layers),
             "skipped": report.skipped,
+            "float_modules": {reason: {"count": len(names), "names": compact_names(names)}
+                              for reason, names in report.float_modules.items()},
             "skip_patterns": list(plan.skip),
             "attention_sites": len(report.attention_sites),
             "weights_frozen": frozen,
@@ -266,6 +268,7 @@ def print_summary(result: dict, out_dir: Path) -> None:
         ("formats", f"W {f['weight']} / A {f['act']}" + (f" / attn {f['attn']}" if q["attention_sites"] else "")),
         ("method", f"{result['method']} {result['steps']}" + (f" n={result['n']}" if result["n"] else "")),
         ("quantized", f"{q['layers']} layers, {q['attention_sites']} attention sites, skipped {len(q['skipped'])}"),
+        ("left float", "; ".join(f"{reason}: {f['count']}" for reason, f in q["float_modules"].items()) or "nothing"),
         ("task", f"{result['task']} ({result['protocol']}, seq_len {result['seq_len']}, "
                  f"{result['eval']['windows']}/{result['eval']['windows_available']} windows, {result['tokens_evaluated']} tokens)"),
         (result["metric"], f"[bold]{result['value']:.4f}"),

@@ -3,6 +3,20 @@
 - nn.Linear, nn.Conv1d/2d and transformers' Conv1D get input, weight and
   output quantizers. The module's class is swapped for a quantized subclass,
   so names, parameters and state_dict keys stay exactly as they were.
+  Modules are matched by isinstance: a subclass that keeps its base's forward
+  (torch's NonDynamicallyQuantizableLinear) gets a quantized class built for
+  it; one with its own forward cannot be swapped safely (the quantized forward
+  would replace its own) and stays float, listed with that reason.
+- nn.MultiheadAttention: its forward hands `in_proj_weight` and
+  `out_proj.weight` to torch's functional, never calling out_proj's forward.
+  QuantMultiheadAttention quantizes query/key/value (one input quantizer) and
+  in_proj_weight, passes them to the functional with an identity output
+  projection (exact), then calls out_proj, itself a quantized linear. The
+  functional computes QK^T and PV inside, so quantizing them (or the
+  in-projection outputs) for it is an error. Fused fast paths that read the
+  weights directly (nn.TransformerEncoderLayer in eval) are switched off.
+- Every other module with a weight (a parameter of dim >= 1) stays float and is
+  listed in the report with its reason (norms, embeddings, skip patterns, ...).
 - The fake-quantized weight is computed once and cached; the cache key is the
   weight's version counter and storage, plus the quantizer's version, so an
   in-place edit (SmoothQuant, GPTQ) or a new scaling invalidates it. With
@@ -24,6 +38,7 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
+import re
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -64,6 +79,7 @@ class SurgeryReport:
     skipped: list[str]
     attention_sites: list[str]
     overrides: dict[str, list[str]]
+    float_modules: dict[str, list[str]] = field(default_factory=dict)  # reason -> every module with a weight left float
 
 
 # ---------------------------------------------------------------- quantized layers
@@ -152,10 +168,71 @@ def _hf_conv1d_class():
     return Conv1D, QuantHFConv1D
 
 
+class QuantMultiheadAttention(_QuantMixin, nn.MultiheadAttention):
+    """The in-projection is this layer (input, weight, output quantizers); out_proj is a quantized linear."""
+
+    weight_axes = (0, 1)  # in_proj_weight is [3 * embed_dim, embed_dim]
+
+    @property
+    def weight(self) -> torch.Tensor:  # what methods and freezing see as this layer's weight
+        return self.in_proj_weight
+
+    def _identity(self, like: torch.Tensor) -> torch.Tensor:
+        """An identity output projection for the functional (x @ I is exact): out_proj runs after it."""
+        key = (like.dtype, like.device)
+        cache = self.__dict__.setdefault("_qsim_identity", {})
+        if key not in cache:
+            with torch.inference_mode(False):  # a normal tensor, usable later with autograd
+                cache[key] = torch.eye(self.embed_dim, dtype=like.dtype, device=like.device)
+        return cache[key]
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        batched_first = self.batch_first and query.dim() == 3
+        prepared = {}
+
+        def prepare(x):  # each distinct tensor quantized once; the functional wants [seq, batch, features]
+            if id(x) not in prepared:  # and "is" kept (self-attention: one packed projection)
+                y = self.input_quantizer(x)
+                prepared[id(x)] = y.transpose(0, 1) if batched_first else y
+            return prepared[id(x)]
+
+        q, k, v = prepare(query), prepare(key), prepare(value)
+        attn, weights = F.multi_head_attention_forward(
+            q, k, v, self.embed_dim, self.num_heads, self.quantized_weight(), self.in_proj_bias,
+            self.bias_k, self.bias_v, self.add_zero_attn, self.dropout, self._identity(q), None,
+            training=self.training, key_padding_mask=key_padding_mask, need_weights=need_weights,
+            attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal,
+        )
+        out = self.out_proj(attn)
+        return (out.transpose(0, 1) if batched_first else out), weights
+
+
 _HFConv1D, QuantHFConv1D = _hf_conv1d_class()
-QUANT_CLASSES = {nn.Linear: QuantLinear, nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d}
+QUANT_CLASSES = {nn.Linear: QuantLinear, nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d,
+                 nn.MultiheadAttention: QuantMultiheadAttention}
 if _HFConv1D is not None:
     QUANT_CLASSES[_HFConv1D] = QuantHFConv1D
+_SUBCLASS_QUANT: dict[type, type] = {}  # a subclass that keeps its base's forward -> its quantized class
+
+
+def _quantizable_base(cls: type) -> type | None:
+    """The class in QUANT_CLASSES that `cls` derives from (isinstance matching), if any."""
+    return next((base for base in cls.__mro__ if base in QUANT_CLASSES), None)
+
+
+def quant_class(cls: type) -> type | None:
+    """The quantized class for `cls`; None for a subclass with its own forward (it cannot be swapped
+    safely: the quantized forward would replace its own). Other subclasses get (quantized base, cls)
+    built once, so their methods, names and state_dict keys stay."""
+    base = _quantizable_base(cls)
+    if base is None or cls is base:
+        return QUANT_CLASSES.get(base)
+    if cls.forward is not base.forward:
+        return None
+    if cls not in _SUBCLASS_QUANT:
+        _SUBCLASS_QUANT[cls] = type(f"Quant{cls.__name__}", (QUANT_CLASSES[base], cls), {"__module__": __name__})
+    return _SUBCLASS_QUANT[cls]
 
 
 def _weight_spec(spec: QuantSpec, out_axis: int, red_axis: int) -> QuantSpec:
@@ -391,7 +468,78 @@ def check_patterns(names: list[str], plan: SurgeryPlan) -> None:
 
 
 def quantizable_names(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if type(m) in QUANT_CLASSES or is_quantized_layer(m)]
+    return [n for n, m in model.named_modules() if is_quantized_layer(m) or _quantizable_base(type(m)) is not None]
+
+
+# Why a module with a weight stays float (report reasons; grouped by reason in the result).
+NORM_REASON = "norm: elementwise scale, no matmul"
+EMBEDDING_REASON = "embedding lookup"
+FLOAT_MHA_OUT_PROJ = "out_proj of a float nn.MultiheadAttention (its weight is read directly, its forward never runs)"
+SEPARATE_QKV_REASON = "nn.MultiheadAttention with separate q/k/v weights (kdim/vdim != embed_dim): not supported"
+
+
+def _own_forward_reason(cls: type) -> str:
+    return f"{_quantizable_base(cls).__name__} subclass with its own forward ({cls.__name__})"
+
+
+def float_reason(module: nn.Module) -> str:
+    """Why a module that surgery does not quantize stays float (skip patterns aside)."""
+    cls = type(module)
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        return EMBEDDING_REASON
+    if "norm" in cls.__name__.lower() and all(p.dim() <= 1 for p in module.parameters(recurse=False)):
+        return NORM_REASON
+    if _quantizable_base(cls) is not None and quant_class(cls) is None:
+        return _own_forward_reason(cls)
+    return f"no quantized class for {cls.__name__}"
+
+
+def weight_bearing(module: nn.Module) -> bool:
+    return any(p.dim() >= 1 for p in module.parameters(recurse=False))
+
+
+def compact_names(names: list[str]) -> list[str]:
+    """Names that differ only in their first number collapse into one entry with ranges,
+    in order of first appearance: model.layers.{0-29}.input_layernorm."""
+    groups: dict[str, list[int]] = {}
+    for name in names:
+        m = re.search(r"(?:^|\.)(\d+)(?:\.|$)", name)
+        if m is None:
+            groups.setdefault(name, [])
+            continue
+        template = name[: m.start(1)] + "{}" + name[m.end(1):]
+        groups.setdefault(template, []).append(int(m.group(1)))
+    out = []
+    for template, numbers in groups.items():
+        if len(numbers) <= 1:
+            out.append(template.replace("{}", str(numbers[0])) if numbers else template)
+            continue
+        numbers, spans, start = sorted(set(numbers)), [], None
+        for i, n in enumerate(numbers):
+            start = n if start is None else start
+            if i + 1 == len(numbers) or numbers[i + 1] != n + 1:
+                spans.append(f"{start}-{n}" if n > start else str(n))
+                start = None
+        out.append(template.replace("{}", "{" + ",".join(spans) + "}"))
+    return out
+
+
+def _fast_path_guard(_module, _args):
+    """No-op: a forward pre-hook on nn.TransformerEncoderLayer turns off its fused fast path
+    (torch._transformer_encoder_layer_fwd), which reads the weights directly."""
+
+
+def _disable_fused_paths(model: nn.Module) -> None:
+    """torch's encoder fast paths around quantized layers: the fused layer kernel would bypass them,
+    nested-tensor inputs (nn.TransformerEncoder with a padding mask) cannot be quantized."""
+    for module in model.modules():
+        if not any(is_quantized_layer(m) for m in module.modules()):
+            continue
+        if isinstance(module, nn.TransformerEncoderLayer):
+            module.qsim_fast_path_guard = module.register_forward_pre_hook(_fast_path_guard)
+        elif isinstance(module, nn.TransformerEncoder) and getattr(module, "use_nested_tensor", False):
+            module.use_nested_tensor = False
+            module.qsim_nested_tensor_was = True
 
 
 def quantize_model(model: nn.Module, plan: SurgeryPlan) -> SurgeryReport:
@@ -399,21 +547,46 @@ def quantize_model(model: nn.Module, plan: SurgeryPlan) -> SurgeryReport:
     names = quantizable_names(model)
     check_patterns(names, plan)
     report = SurgeryReport(layers=[], skipped=[], attention_sites=[], overrides={p: [] for p in plan.overrides})
+    reasons: dict[str, str] = {}
+    float_mha: list[str] = []
     for name, module in list(model.named_modules()):
         cls = type(module)
-        if cls not in QUANT_CLASSES:
+        if is_quantized_layer(module) or _quantizable_base(cls) is None:
             continue
-        if _matches(name, plan.skip):
+        parent = name.rpartition(".")[0]
+        skipped_by = _matches(name, plan.skip)
+        if skipped_by:
             report.skipped.append(name)
+            reasons[name] = f"skipped by pattern {skipped_by[0]!r}"
+        elif parent in float_mha and name.endswith(".out_proj"):
+            reasons[name] = FLOAT_MHA_OUT_PROJ
+        elif quant_class(cls) is None:
+            reasons[name] = _own_forward_reason(cls)
+        elif isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is None:
+            reasons[name] = SEPARATE_QKV_REASON
+        if name in reasons:
+            if isinstance(module, nn.MultiheadAttention):
+                float_mha.append(name)
             continue
         spec = plan.default
         for pattern in _matches(name, plan.overrides):
             spec = _apply_override(spec, plan.overrides[pattern])
             report.overrides[pattern].append(name)
-        module.__class__ = QUANT_CLASSES[cls]
+        if isinstance(module, nn.MultiheadAttention) and not spec.output.is_identity:
+            raise SurgeryError(f"output quantization ({spec.output.format}) was asked for, but the in-projection outputs "
+                               f"(q, k, v) of nn.MultiheadAttention {name!r} stay inside torch's functional")
+        module.__class__ = quant_class(cls)
         module._attach(spec, cls)
         report.layers.append(name)
+    _disable_fused_paths(model)
     if plan.attention is not None and not plan.attention.is_identity:
+        mha = [n for n, m in model.named_modules() if isinstance(m, QuantMultiheadAttention)]
+        if mha:
+            raise SurgeryError(
+                f"attention matmul quantization (QK^T, PV) was asked for, but nn.MultiheadAttention {mha[0]!r} "
+                f"computes them inside torch's functional; turn it off (quant.attention, mse.attention, abfp.attention "
+                f"= false) or skip the module (quant.skip)"
+            )
         register_attention()
         for name, module in model.named_modules():
             if _dispatches_attention(module) and not _matches(name, plan.skip):
@@ -425,6 +598,10 @@ def quantize_model(model: nn.Module, plan: SurgeryPlan) -> SurgeryReport:
                 f"{type(model).__name__}: its attention does not dispatch through transformers' AttentionInterface"
             )
         _set_attn_implementation(model, ATTN_IMPLEMENTATION)
+    for name, module in model.named_modules():
+        if not is_quantized_layer(module) and weight_bearing(module):
+            reason = reasons.get(name) or float_reason(module)
+            report.float_modules.setdefault(reason, []).append(name)
     return report
 
 
@@ -474,10 +651,14 @@ def restore_model(model: nn.Module) -> None:
             for attr in ("input_quantizer", "weight_quantizer", "output_quantizer"):
                 delattr(module, attr)
             module.__class__ = module.qsim_original_class
-            for attr in ("qsim_original_class", "_wq", "_wq_key"):
+            for attr in ("qsim_original_class", "_wq", "_wq_key", "_qsim_identity"):
                 module.__dict__.pop(attr, None)
         if hasattr(module, "qsim_attn"):
             del module.qsim_attn
+        if "qsim_fast_path_guard" in module.__dict__:
+            module.__dict__.pop("qsim_fast_path_guard").remove()
+        if module.__dict__.pop("qsim_nested_tensor_was", False):
+            module.use_nested_tensor = True
 
 
 def attention_quantizers(model: nn.Module):

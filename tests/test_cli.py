@@ -94,6 +94,8 @@ def test_run_end_to_end_writes_result(tmp_path):
     assert result["formats"]["weight"] == "int4" and result["formats"]["act"] == "int8"
     assert result["tokens_evaluated"] == 256
     assert result["quantized"]["layers"] == 210 and result["quantized"]["skipped"] == ["lm_head"]
+    assert {reason: f["count"] for reason, f in result["quantized"]["float_modules"].items()} == {
+        "skipped by pattern 'lm_head'": 1, "embedding lookup": 1, "norm: elementwise scale, no matmul": 61}
     assert result["quantized"]["weight"]["granularity"] == "channel"
     assert result["quantized"]["act"]["granularity"] == "token"
     for key in ("identity", "config_hash", "versions", "timings", "config", "model_source", "checkpoint"):

@@ -300,7 +300,7 @@ def test_rptq_keeps_the_float_model(which, wikitext_window):
     ref = _float_logits(lm.model, ids)
     facts = METHODS["rptq"].apply(lm.model, calib, c, Bar())
     layers = dict(quantized_layers(lm.model))
-    assert facts["layers"] == len(layers) and facts["dynamic_fallback"] == []
+    assert facts["layers"] == len(layers) and facts["dynamic_fallback"] == {}
     assert _rel_change(_float_logits(lm.model, ids), ref) < 1e-4
     with torch.no_grad():
         out = lm.model(ids).logits
@@ -344,7 +344,7 @@ def test_cli_rejects_bad_input_before_loading(tmp_path):
     no_calib.mkdir()
     (no_calib / "wikitext-2-raw-v1").symlink_to(data.data_dir() / "wikitext-2-raw-v1")
     for args, env, needle in [
-        (["method=mse"], {"QSIM_DATA_DIR": str(no_calib)}, "method 'mse' needs calibration data"),
+        (["method=mse", "format=w4a8"], {"QSIM_DATA_DIR": str(no_calib)}, "method 'mse' needs calibration data"),
         (["method=rptq", "rptq.clusters=0"], {}, "rptq.clusters must be >= 1"),
     ]:
         proc = _qsim(args + ["progress=false"], env)

@@ -27,6 +27,12 @@ class StopForward(Exception):
     """Raised by a hook once a calibration pass has seen all it needs; the caller catches it."""
 
 
+class MethodError(RuntimeError):
+    """A stage cannot do what was asked on this model (nothing to smooth, calibrate, round or train):
+    one line, and the run stops instead of reporting a number the stage did not shape."""
+
+
+
 def _nothing(*_args, **_kwargs):
     return None
 

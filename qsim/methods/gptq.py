@@ -26,7 +26,11 @@ quantizer (q/k/v, gate/up) share one Hessian and are quantized together.
 After GPTQ the layer's weight holds values on the grid and its weight
 quantizer is switched off: re-quantizing with dynamic scales would not be
 idempotent (a block whose max was rounded down gets a smaller scale).
-Linears outside the decoder blocks (and convolutions) keep RTN weights.
+Linears outside the decoder blocks (and convolutions, attention in-projections,
+blocks past gptq.max_blocks, layers the calibration windows never reach) keep
+RTN weights; the facts list each with its reason (`rtn_layers`). A format that
+does not quantize weights is a config error; a run where GPTQ rounds no layer,
+an error.
 """
 from __future__ import annotations
 
@@ -39,8 +43,8 @@ from torch import nn
 from ..config import ConfigError
 from ..formats import IntFormat
 from ..quantizer import GRANULARITIES, QuantSpec, _dynamic_range, _quantize_view, _static_range
-from ..surgery import QuantHFConv1D, QuantLinear, is_quantized_layer, role_specs
-from . import Method, StopForward, register
+from ..surgery import QuantHFConv1D, QuantLinear, compact_names, is_quantized_layer, role_specs
+from . import Method, MethodError, StopForward, register
 
 # ---------------------------------------------------------------- the grid, column by column
 
@@ -227,7 +231,7 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
         if count > best_count:
             best, best_count = (name, module), count
     if best is None:
-        raise RuntimeError(f"GPTQ: found no list of decoder blocks with quantized linears in {type(model).__name__}")
+        raise MethodError(f"GPTQ: found no list of decoder blocks with quantized linears in {type(model).__name__}")
     return best
 
 
@@ -282,7 +286,7 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, calib: torch.
     finally:
         handle.remove()
     if len(captured.hidden) != len(calib):
-        raise RuntimeError("GPTQ: the first decoder block was not called for every calibration window")
+        raise MethodError("GPTQ: the first decoder block was not called for every calibration window")
     return captured
 
 
@@ -435,10 +439,27 @@ def run_gptq(model: nn.Module, calib: torch.Tensor, g, bar=None) -> dict:
     return _facts(model, stats, calib, blocks_name, limit, len(blocks), time.time() - t0)
 
 
+def rtn_reason(name: str, layer: nn.Module, blocks_name: str, done: int) -> str:
+    """Why a quantized layer kept RTN weights."""
+    prefix = blocks_name + "."
+    if not name.startswith(prefix):
+        return f"outside the decoder blocks ({blocks_name})"
+    if int(name[len(prefix):].split(".")[0]) >= done:
+        return "past gptq.max_blocks"
+    if not gptq_supported(layer):
+        return f"not a linear ({type(layer).__name__})"
+    return "not reached in its block by the calibration windows"
+
+
 def _facts(model, stats, calib, blocks_name, done, total, seconds) -> dict:
     ratios = [s["gptq"] / s["rtn"] for s in stats.values() if s["rtn"] > 0]
-    rtn_layers = [n for n, m in model.named_modules()
-                  if is_quantized_layer(m) and m.weight_quantizer.active and n not in stats]
+    rtn_layers: dict[str, list[str]] = {}
+    for n, m in model.named_modules():
+        if is_quantized_layer(m) and m.weight_quantizer.active and n not in stats:
+            rtn_layers.setdefault(rtn_reason(n, m, blocks_name, done), []).append(n)
+    if not stats:
+        why = "; ".join(f"{reason}: {len(names)}" for reason, names in rtn_layers.items()) or "no quantized weight"
+        raise MethodError(f"gptq rounded no layer in {blocks_name}[0:{done}] ({why})")
     return {
         "blocks": f"{blocks_name}[0:{done}] of {total}",
         "layers": len(stats),
@@ -446,8 +467,7 @@ def _facts(model, stats, calib, blocks_name, done, total, seconds) -> dict:
         "calib_seq_len": int(calib.shape[1]),
         "hessian_inputs": "quantized (each layer's input quantizer applied)",
         "weight_quantizer": "disabled after GPTQ wrote on-grid weights",
-        "rtn_layers": len(rtn_layers),  # quantized layers GPTQ did not touch (outside the blocks, convs, max_blocks)
-        "rtn_layer_examples": rtn_layers[:5],
+        "rtn_layers": {reason: compact_names(names) for reason, names in rtn_layers.items()},  # GPTQ did not touch
         "error_gptq_mean": sum(s["gptq"] for s in stats.values()) / max(len(stats), 1),
         "error_rtn_mean": sum(s["rtn"] for s in stats.values()) / max(len(stats), 1),
         "error_ratio_mean": sum(ratios) / max(len(ratios), 1),
@@ -482,6 +502,8 @@ def configure(plan, cfg):
     plan.default = replace(plan.default, weight=replace(w, symmetric=symmetric, mode="dynamic"))
     if any(s.scale_dtype == "e4m3" for s in role_specs(plan, "weight")):
         raise ValueError("gptq fits one block scale at a time; E4M3 block scales under a global scale (nvfp4) are not supported with it")
+    if all(s.is_identity for s in role_specs(plan, "weight")):
+        raise ValueError(f"gptq rounds weights, but format.weight is {w.format} (nothing to round)")
 
 
 def validate(cfg):

@@ -21,6 +21,11 @@ Statistics are a histogram of |x| per quantizer with 64 bins per octave over
 is fixed, outliers are kept exactly, and bins are far finer than the
 quantization step near zero, where a linear histogram would lump the bulk of
 the values into a few bins.
+
+A quantizer the calibration windows never reach keeps dynamic per-tensor
+scaling, and one that saw only zeros gets amax 1; both are listed in the facts.
+A run with no activation quantizer to calibrate is a config error, and one
+where no quantizer saw data, an error.
 """
 from __future__ import annotations
 
@@ -31,8 +36,8 @@ import torch
 
 from ..config import ConfigError
 from ..quantizer import QuantSpec, Quantizer, SameInputCache, fake_quantize
-from ..surgery import attention_quantizers, quantization_disabled, quantized_layers, role_specs
-from . import Method, StopForward, register
+from ..surgery import attention_quantizers, compact_names, quantization_disabled, quantized_layers, role_specs
+from . import Method, MethodError, StopForward, register
 
 CALIBRATORS = ("mse", "max", "percentile", "entropy")
 
@@ -288,6 +293,10 @@ def configure(plan, cfg):
     if static_e4m3 and cfg.mse.calibrator in ("mse", "entropy"):
         raise ValueError(f"mse.calibrator={cfg.mse.calibrator} cannot score the global amax of {static_e4m3[0].format} "
                          "(E4M3 block scales): use mse.calibrator=max (ModelOpt's) or percentile")
+    if not any(s is not None and not s.is_identity and s.mode == "static"
+               for s in role_specs(plan, "act") + role_specs(plan, "output") + [plan.attention]):
+        raise ValueError("mse calibrates static activation ranges, but no activation quantizer has one "
+                         f"(format.act={d.act.format}: fp32, or MX block scales, which stay dynamic)")
 
 
 def collect_histograms(model, targets: list[tuple[str, Quantizer]], calib: torch.Tensor, bar) -> dict[str, AbsHistogram]:
@@ -311,8 +320,10 @@ def collect_histograms(model, targets: list[tuple[str, Quantizer]], calib: torch
 def apply(model, calib, cfg, bar):
     targets = [(n, q) for n, q in activation_quantizers(model)
                if q.spec.mode == "static" and not q.spec.is_identity]
+    if not targets:
+        raise MethodError("mse: no static activation quantizer to calibrate in this model")
     hists = collect_histograms(model, targets, calib, bar)
-    amaxes, unseen = {}, []
+    amaxes, unseen, zeros = {}, [], []
     for name, q in targets:
         h = hists[name]
         if h.total == 0:  # never reached by the calibration text: a usable (and causal) per-token dynamic range
@@ -320,14 +331,19 @@ def apply(model, calib, cfg, bar):
             unseen.append(name)
             continue
         amax = choose_amax(h, q.spec, cfg.mse)
+        if amax <= 0:  # saw only zeros: any range quantizes them exactly
+            zeros.append(name)
         q.set_amax(torch.tensor(amax if amax > 0 else 1.0, device=h.device))
         amaxes[name] = amax
+    if not amaxes:
+        raise MethodError(f"mse: none of the {len(targets)} activation quantizers saw calibration data")
     values = sorted(amaxes.values())
     facts = {
         "calibrator": cfg.mse.calibrator,
         "calibrated": len(amaxes),
         "attention_calibrated": sum(1 for n in amaxes if n.rsplit(".", 1)[-1] in ("q", "k", "v", "p")),
-        "dynamic_fallback": unseen,
+        "dynamic_fallback": compact_names(unseen),  # never reached: dynamic per-tensor scaling
+        "zero_inputs": compact_names(zeros),  # saw only zeros: amax 1
         "calib_windows": len(calib),
         "calib_tokens": int(calib.numel()),
     }

@@ -14,6 +14,10 @@ model's memory and a large matmul per step for text the model already knows.
 Weights change in place, so the layers' cached fake-quantized weights
 invalidate on their version counters; the model is left in eval mode.
 `abfp-qat` = ABFP quantizers + QAT, the paper's QAT setting.
+Errors rather than a run that trains nothing it should: no trainable
+parameter, no quantized layer with a trainable weight, or QAT after GPTQ
+(GPTQ switches the weight quantizers off; training would move the weights off
+the grid and evaluate them in float).
 """
 from __future__ import annotations
 
@@ -25,7 +29,8 @@ from torch import nn
 
 from .. import data
 from ..config import ConfigError
-from . import Method, register
+from ..surgery import quantized_layers
+from . import Method, MethodError, register
 
 
 def validate(cfg):
@@ -40,6 +45,10 @@ def validate(cfg):
         raise ConfigError(f"qat.batch_size must be >= 1, got {q.batch_size}")
     if q.weight_decay < 0:
         raise ConfigError(f"qat.weight_decay must be >= 0, got {q.weight_decay}")
+    steps = list(cfg.method.steps)
+    if "gptq" in steps and steps.index("gptq") < steps.index("qat"):
+        raise ConfigError("qat after gptq would train GPTQ's on-grid weights off the grid (their weight quantizers "
+                          "are off after GPTQ); run qat before gptq")
     if q.dataset not in data.DATASETS:
         raise ConfigError(f"unknown qat.dataset {q.dataset!r}; valid: {', '.join(data.DATASETS)}")
     if q.steps > 0:
@@ -111,14 +120,19 @@ def finetune(model: nn.Module, windows: torch.Tensor, q, bar=None, seed: int = 0
     if windows.shape[0] < steps * batch_size:
         raise ValueError(f"need {steps * batch_size} training windows, got {windows.shape[0]}")
     frozen = {id(p) for p in embedding_parameters(model)} if q.freeze_embeddings else set()
+    trainable = [p for p in model.parameters() if id(p) not in frozen]
+    layers = quantized_layers(model)
+    trained_layers = sum(1 for _, m in layers if id(m.weight) not in frozen)
+    if not trainable:
+        raise MethodError(f"qat has no trainable parameter in {type(model).__name__} (qat.freeze_embeddings froze them all)")
+    if layers and not trained_layers:
+        raise MethodError(f"qat would train none of the {len(layers)} quantized layers (their weights are frozen)")
     saved_flags = [(p, p.requires_grad) for p in model.parameters()]
-    trainable = []
     for p in model.parameters():
         p.requires_grad_(id(p) not in frozen)
-        if id(p) not in frozen:
-            trainable.append(p)
     facts = {
         "steps": steps, "lr": q.lr, "seq_len": q.seq_len, "batch_size": batch_size,
+        "quantized_layers_trained": trained_layers,
         "dataset": f"{q.dataset} {q.split}", "tokens": steps * batch_size * q.seq_len,
         "trainable_params": sum(p.numel() for p in trainable),
         "frozen_params": sum(p.numel() for p in model.parameters() if id(p) in frozen),

@@ -24,6 +24,11 @@ With rptq.norm_out_8bit the inputs produced by a norm (q/k/v, fc1, gate/up)
 use an 8-bit format (int8, or e4m3 for minifloat activations), as the
 reference does even in W4A4. Attention matmul operands, when quantized, keep
 the plan's (dynamic) scaling; the reference also reorders Q/K (not done here).
+Inputs that cannot be clustered (convolutions: channels first; inputs never
+reached by the calibration windows) are quantized per token, dynamically, and
+listed with their reason in the facts (`dynamic_fallback`). A run whose format
+does not quantize activations is a config error; one where no layer could be
+clustered, an error.
 """
 from __future__ import annotations
 
@@ -34,8 +39,8 @@ import torch
 from ..config import ConfigError
 from ..formats import IntFormat
 from ..quantizer import QuantSpec, Quantizer, SameInputCache, fake_quantize
-from ..surgery import quantized_layers, role_specs
-from . import Method, register
+from ..surgery import compact_names, quantized_layers, role_specs
+from . import Method, MethodError, register
 from .mse import float_passes
 from .smoothquant import features_last, trace_ids, trace_input_groups
 
@@ -157,6 +162,8 @@ def configure(plan, cfg):
     scaled = [s.format for s in role_specs(plan, "act") if s.scaled is not None]
     if scaled:
         raise ValueError(f"rptq scales activation channel clusters; {scaled[0]} carries its own block scales")
+    if all(s.is_identity for s in role_specs(plan, "act")):
+        raise ValueError(f"rptq clusters activation ranges, but format.act is {d.act.format} (nothing to cluster)")
     act = d.act if d.act.is_identity else replace(d.act, granularity="channel", axis=-1, mode="static")
     plan.default = replace(d, weight=replace(d.weight, granularity="channel", mode="dynamic"), act=act)
 
@@ -191,8 +198,11 @@ def apply(model, calib, cfg, bar):
     r = cfg.rptq
     layers = dict(quantized_layers(model))
     active = [n for n, m in layers.items() if not m.input_quantizer.spec.is_identity]
+    if not active:
+        raise MethodError("rptq: no quantized layer quantizes its input (every input format is fp32)")
     names = [n for n in active if features_last(layers[n])]
-    for n in set(active) - set(names):  # channels-first inputs (convolutions): per-token dynamic instead
+    channels_first = [n for n in active if not features_last(layers[n])]
+    for n in channels_first:  # convolutions: per-token dynamic instead (recorded)
         layers[n].input_quantizer.configure(granularity="token", axis=1, mode="dynamic", symmetric=True)
     norm_fed = set()
     if r.norm_out_8bit:
@@ -225,6 +235,11 @@ def apply(model, calib, cfg, bar):
         kinds.add("asymmetric (zero point)" if asymmetric else "symmetric")
         layer.input_quantizer = ClusterQuantizer(spec, labels, lo, hi)  # buffers on the input's device
         sizes.append(int(labels.unique().numel()))
+    if not sizes:
+        raise MethodError(f"rptq clustered no layer: {len(channels_first)} convolution inputs, "
+                          f"{len(unseen)} inputs not reached by the calibration windows")
+    fallback = {"channels-first input (convolution): per-token dynamic": channels_first,
+                "not reached by the calibration windows: per-token dynamic": unseen}
     return {
         "clusters": r.clusters,
         "clusters_used": {"min": min(sizes), "max": max(sizes)} if sizes else None,
@@ -233,7 +248,7 @@ def apply(model, calib, cfg, bar):
         "reorder": "index (channel_order buffer); weights unchanged",
         "norm_out_8bit": bool(r.norm_out_8bit),
         "norm_out_8bit_layers": len(raised),
-        "dynamic_fallback": unseen,
+        "dynamic_fallback": {reason: compact_names(names) for reason, names in fallback.items() if names},
         "calib_windows": len(calib),
     }
 

@@ -21,7 +21,10 @@ multiply is what a deployment would fuse into the producer of the tensor.
 Which inputs are smoothed (`smoothquant.scope`): "norm", the reference's
 choice: inputs produced by a norm and inputs shared by several linears (the
 q/k/v of post-LN OPT's first block read the embeddings); "all": every linear.
-Linears with channels-first inputs (convolutions) are left alone.
+Convolutions (channels-first inputs) and nn.MultiheadAttention (one weight for
+query, key and value) are left alone. Every quantized layer left unsmoothed is
+listed with its reason in the facts (`not_smoothed`); a model where nothing
+can be smoothed is an error.
 """
 from __future__ import annotations
 
@@ -31,8 +34,8 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
-from ..surgery import QuantLinear, QuantHFConv1D, quantization_disabled, quantized_layers
-from . import Method, register
+from ..surgery import QuantMultiheadAttention, compact_names, quantization_disabled, quantized_layers
+from . import Method, MethodError, register
 from .mse import float_passes, model_device
 
 SCOPES = ("norm", "all")
@@ -61,8 +64,14 @@ def is_norm(module: nn.Module) -> bool:
 
 
 def features_last(module: nn.Module) -> bool:
-    """Linears whose input has its features on the last axis (not convolutions)."""
-    return isinstance(module, (QuantLinear,) + ((QuantHFConv1D,) if QuantHFConv1D else ()))
+    """Quantized layers whose input has its features on the last axis (not convolutions)."""
+    return module.input_axis == -1
+
+
+def smoothable(module: nn.Module) -> bool:
+    """Features-last layers with one input: nn.MultiheadAttention's one in-projection weight
+    serves query, key and value, which an input scale cannot divide consistently."""
+    return features_last(module) and not isinstance(module, QuantMultiheadAttention)
 
 
 def _storage_key(t: torch.Tensor):
@@ -90,7 +99,7 @@ def trace_input_groups(model: nn.Module, ids: torch.Tensor) -> list[InputGroup]:
 
     def layer_hook(name):
         def hook(_m, args, kwargs):
-            x = args[0] if args else kwargs.get("input")
+            x = args[0] if args else kwargs.get("input", kwargs.get("query"))
             if isinstance(x, torch.Tensor) and name not in first_key:
                 held.append(x)
                 first_key[name] = _storage_key(x)
@@ -252,15 +261,46 @@ def trace_ids(calib: torch.Tensor, length: int = 32) -> torch.Tensor:
     return calib[:1, : min(length, calib.shape[1])]
 
 
+NOT_SMOOTHED = {
+    "conv": "channels-first input (convolution)",
+    "mha": "nn.MultiheadAttention: one in-projection weight for query, key and value",
+    "untraced": "not called by the trace forward",
+    "unseen": "not reached by the calibration windows",
+}
+
+
+def _smoothable_only(groups: list[InputGroup]) -> list[InputGroup]:
+    """The groups without their unsmoothable readers; a norm whose output also feeds one of those
+    then fails the fold check (folding would change that reader's input) and is smoothed explicitly."""
+    kept = []
+    for g in groups:
+        pairs = [(n, m) for n, m in zip(g.layers, g.modules) if smoothable(m)]
+        if pairs:
+            kept.append(InputGroup([n for n, _ in pairs], g.norm, modules=[m for _, m in pairs]))
+    return kept
+
+
 def apply(model, calib, cfg, bar):
     alpha = float(cfg.smoothquant.alpha)
+    scope = cfg.smoothquant.scope
     ids = trace_ids(calib)
+    layers = quantized_layers(model)
     groups = trace_input_groups(model, ids)
+    traced = {n for g in groups for n in g.layers}
+    not_smoothed = {
+        NOT_SMOOTHED["conv"]: [n for n, m in layers if not features_last(m)],
+        NOT_SMOOTHED["mha"]: [n for n, m in layers if features_last(m) and not smoothable(m)],
+        NOT_SMOOTHED["untraced"]: [n for n, m in layers if smoothable(m) and n not in traced],
+    }
+    groups = _smoothable_only(groups)
     check_folds(model, ids, groups, seed=cfg.seed)
-    chosen = select_groups(groups, cfg.smoothquant.scope)
+    chosen = select_groups(groups, scope)
+    chosen_ids = {id(g) for g in chosen}
+    not_smoothed[f"scope {scope!r}: input neither a norm's output nor shared"] = [
+        n for g in groups if id(g) not in chosen_ids for n in g.layers]
     act_max = collect_act_max(model, chosen, calib, bar)
     modules = dict(model.named_modules())
-    folded, explicit, unseen = [], [], []
+    folded, explicit, unseen, norms_folded = [], [], [], set()
     for g, amax in zip(chosen, act_max):
         if amax is None:
             unseen += g.layers
@@ -270,18 +310,24 @@ def apply(model, calib, cfg, bar):
         if g.foldable:
             fold_scale(g, modules[g.norm], s)
             folded += g.layers
+            norms_folded.add(g.norm)
         else:
             for layer in g.modules:
                 smooth_explicitly(layer, s)
             explicit += g.layers
+    not_smoothed[NOT_SMOOTHED["unseen"]] = unseen
+    not_smoothed = {reason: names for reason, names in not_smoothed.items() if names}
+    if not folded and not explicit:
+        why = "; ".join(f"{reason}: {len(names)}" for reason, names in not_smoothed.items()) or "no quantized layer"
+        raise MethodError(f"smoothquant found nothing to smooth in {type(model).__name__} ({why})")
     return {
         "alpha": alpha,
-        "scope": cfg.smoothquant.scope,
+        "scope": scope,
         "folded_into_norm": len(folded),
         "explicit_scale": len(explicit),
-        "explicit_layers": explicit,
-        "not_reached": unseen,
-        "norms_folded": sorted({g.norm for g in chosen if g.foldable}),
+        "explicit_layers": compact_names(explicit),
+        "not_smoothed": {reason: compact_names(names) for reason, names in not_smoothed.items()},
+        "norms_folded": compact_names(sorted(norms_folded)),
         "calib_windows": len(calib),
     }
 
