@@ -467,8 +467,7 @@ def _quantize_view(view, lo, hi, spec: QuantSpec, fmt, want_mask: bool, global_a
         if spec.two_level:  # a block scale that rounded to 0 decodes its block to 0
             nonzero = scale != 0
             q = fmt.quantize_scaled(xf, torch.where(nonzero, scale, torch.ones_like(scale)))
-            if not bool(nonzero.all()):
-                q.mul_(nonzero)  # keeps the sign of zero
+            q.mul_(nonzero)  # keeps the sign of zero; unconditional: no host sync (meta, CUDA)
         else:
             q = fmt.quantize_scaled(xf, scale)  # = fmt.quantize(xf / scale) * scale, in one pass
         inside = None
