@@ -10,6 +10,9 @@ A stage has two hooks:
   facts for the result;
 - `validate(cfg)`: raise config.ConfigError for bad values (runs before any
   model loads).
+A stage that needs each weight as it was before an earlier stage rounded it
+in place (LoRC after GPTQ) sets `reads_float_weights`; such a stage keeps a
+float copy on the layer (`layer.float_weight`, [out, in]) for it.
 
 `method.steps` lists stages in order: `[smoothquant, abfp]` is ABFP-SQ.
 """
@@ -36,6 +39,7 @@ class Method:
     apply: Callable = _nothing
     validate: Callable = _nothing
     needs_calibration: bool = False
+    reads_float_weights: bool = False
 
 
 def register(method: Method) -> Method:

@@ -34,8 +34,9 @@ one K x K matmul along the inner axis, then log2(2^m) butterfly stages
 (a, b) -> (a + b, a - b) along the outer axis, O(n (K + log n)) per vector,
 never a dense n x n matmul.
 
-Fusing runs in float64 and writes the weights in place (their version counters
-bump, so cached quantized weights are recomputed). Families: Llama (llama,
+Fusing runs in float32 (float64 costs several times more on CPU for a
+logit change far below the 1e-4 invariance bar) and writes the weights in
+place (their version counters bump, so cached quantized weights are recomputed). Families: Llama (llama,
 mistral, qwen2) and pre-LN OPT. Post-LN OPT (OPT-350m) is refused: its
 LayerNorms sit on the residual stream itself. Rotation must be the first step,
 so that every later stage (GPTQ, ABFP, SmoothQuant, ...) sees rotated weights.
@@ -52,10 +53,12 @@ from torch import nn
 from ..config import ConfigError
 from ..surgery import SurgeryError, attention_quantizers, is_quantized_layer
 from . import Method, register
+from .gptq import _one_thread
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
 RESIDUAL_KINDS = ("hadamard", "random")
-_EMBEDDING_CHUNK = 8192  # rows of an embedding rotated at a time (float64 copies stay small)
+FUSE_DTYPE = torch.float32
+_EMBEDDING_CHUNK = 8192  # rows of an embedding rotated at a time
 
 
 # ---------------------------------------------------------------- Hadamard matrices
@@ -257,18 +260,18 @@ def layout(model: nn.Module) -> Layout:
     return out
 
 
-# ---------------------------------------------------------------- fusing, in float64
+# ---------------------------------------------------------------- fusing
 
 class Fused:
-    """Float64 working copies of (weight [out, in], bias [out]) for some linears, written back at once."""
+    """Working copies (FUSE_DTYPE) of (weight [out, in], bias [out]) for some linears, written back at once."""
 
     def __init__(self):
         self.work: dict[int, tuple[nn.Module, list]] = {}
 
     def get(self, m: nn.Module) -> list:
         if id(m) not in self.work:
-            b = None if m.bias is None else m.bias.detach().double()
-            self.work[id(m)] = (m, [m.weight.detach().double(), b])
+            b = None if m.bias is None else m.bias.detach().to(FUSE_DTYPE)
+            self.work[id(m)] = (m, [m.weight.detach().to(FUSE_DTYPE), b])
         return self.work[id(m)][1]
 
     @torch.no_grad()
@@ -285,12 +288,12 @@ class Fused:
 
 def fold_norm(fused: Fused, norm: nn.Module, readers: list[nn.Module]) -> None:
     """W -> W diag(gamma), b -> b + W beta; the norm then holds gamma = 1, beta = 0 (see reset_norm)."""
-    gamma = norm.weight.detach().double()
+    gamma = norm.weight.detach().to(FUSE_DTYPE)
     beta = getattr(norm, "bias", None)
     for m in readers:
         wb = fused.get(m)
         if beta is not None:
-            shift = wb[0] @ beta.detach().double()
+            shift = wb[0] @ beta.detach().to(FUSE_DTYPE)
             wb[1] = shift if wb[1] is None else wb[1] + shift
         wb[0] = wb[0] * gamma
 
@@ -365,7 +368,7 @@ def rotate_model(model: nn.Module, rc, bar=None) -> dict:
     for emb in lay.embeddings:
         w = emb.weight
         for start in range(0, w.shape[0], _EMBEDDING_CHUNK):
-            rows = w[start : start + _EMBEDDING_CHUNK].double()
+            rows = w[start : start + _EMBEDDING_CHUNK].to(FUSE_DTYPE)
             if lay.layernorm:
                 rows = rows - rows.mean(-1, keepdim=True)
             w[start : start + _EMBEDDING_CHUNK] = q(rows).to(w.dtype)
@@ -436,7 +439,8 @@ def rotate_model(model: nn.Module, rc, bar=None) -> dict:
 
 
 def apply(model, calib, cfg, bar):
-    return rotate_model(model, cfg.rotate, bar)
+    with _one_thread():  # thousands of small ops: a thread pool costs more than it saves (as in GPTQ)
+        return rotate_model(model, cfg.rotate, bar)
 
 
 def validate(cfg):
