@@ -154,6 +154,21 @@ class QATConfig:
 
 
 @dataclass
+class RotateConfig:
+    seed: int = 0  # random signs of the residual Hadamard (or the random orthogonal matrix)
+    residual: str = "hadamard"  # hadamard (randomized; Kronecker of known orders for other sizes) | random (orthogonal)
+    online: bool = True  # Hadamard on down_proj / fc2 inputs, applied at run time, inverse fused into the weight
+    ov: bool = True  # head-wise Hadamard on V (fused into v_proj) and O (fused into o_proj)
+    qk: bool = True  # head-dim Hadamard on Q and K after RoPE, when the attention matmuls are quantized
+
+
+@dataclass
+class LorcConfig:
+    rank: int = 8  # rank of the correction factors of W - W_quantized; 0 = no correction
+    format: str = "fp16"  # format of the factors (fp16, bf16, fp32, or an int/minifloat format with per-row scales)
+
+
+@dataclass
 class TaskConfig:
     name: str = MISSING
     protocol: str = "gptq"  # gptq | paper
@@ -189,6 +204,8 @@ class RunConfig:
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
     rptq: RPTQConfig = field(default_factory=RPTQConfig)
     qat: QATConfig = field(default_factory=QATConfig)
+    rotate: RotateConfig = field(default_factory=RotateConfig)
+    lorc: LorcConfig = field(default_factory=LorcConfig)
     seed: int = 0
     progress: bool = True
 

@@ -33,6 +33,9 @@
   scale shared along positions sees later tokens, one shared along the batch
   sees other samples. `plan_leaks` checks a plan before loading, `model_leaks`
   the quantizers a model really has after the methods ran.
+- Methods may put an orthogonal transform before a layer's input quantizer
+  (`input_transform`) or before the Q/K quantizers (`qk_transform`); the
+  rotation stage (methods/rotate.py) fuses its inverse into the weights.
 """
 from __future__ import annotations
 
@@ -95,10 +98,16 @@ class _QuantMixin:
         self.input_quantizer = Quantizer(_act_spec(spec.act, self.input_axis))
         self.weight_quantizer = Quantizer(_weight_spec(spec.weight, out_axis, red_axis))
         self.output_quantizer = Quantizer(_act_spec(spec.output, self.input_axis))
+        self.input_transform = None  # a module applied to the input before its quantizer (methods/rotate.py)
         self._wq = None
         self._wq_key = None
 
     input_axis = -1
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_transform is not None:  # e.g. an online Hadamard whose inverse is fused into the weight
+            x = self.input_transform(x)
+        return self.input_quantizer(x)
 
     def quantized_weight(self) -> torch.Tensor:
         wq = self.weight_quantizer
@@ -128,7 +137,7 @@ class QuantLinear(_QuantMixin, nn.Linear):
     weight_axes = (0, 1)
 
     def forward(self, x):
-        y = F.linear(self.input_quantizer(x), self.quantized_weight(), self.bias)
+        y = F.linear(self.quantize_input(x), self.quantized_weight(), self.bias)
         return self.output_quantizer(y)
 
 
@@ -137,7 +146,7 @@ class QuantConv1d(_QuantMixin, nn.Conv1d):
     input_axis = 1
 
     def forward(self, x):
-        y = self._conv_forward(self.input_quantizer(x), self.quantized_weight(), self.bias)
+        y = self._conv_forward(self.quantize_input(x), self.quantized_weight(), self.bias)
         return self.output_quantizer(y)
 
 
@@ -146,7 +155,7 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
     input_axis = 1
 
     def forward(self, x):
-        y = self._conv_forward(self.input_quantizer(x), self.quantized_weight(), self.bias)
+        y = self._conv_forward(self.quantize_input(x), self.quantized_weight(), self.bias)
         return self.output_quantizer(y)
 
 
@@ -160,7 +169,7 @@ def _hf_conv1d_class():
         weight_axes = (1, 0)  # weight is [in, out]: y = x @ W + b
 
         def forward(self, x):
-            x = self.input_quantizer(x)
+            x = self.quantize_input(x)
             size_out = x.size()[:-1] + (self.nf,)
             y = torch.addmm(self.bias, x.reshape(-1, x.size(-1)), self.quantized_weight()).view(size_out)
             return self.output_quantizer(y)
@@ -282,6 +291,7 @@ class AttentionQuantizers(nn.Module):
         super().__init__()
         specs = attention_specs(spec, v_axis)
         self.q, self.k, self.v, self.p = (Quantizer(specs[op]) for op in "qkvp")
+        self.qk_transform = None  # applied to Q and K (after RoPE) before their quantizers (methods/rotate.py)
         self.calls = 0
 
 
@@ -331,6 +341,8 @@ def qsim_attention(module, query, key, value, attention_mask, scaling=None, drop
         scaling = query.shape[-1] ** -0.5
     if aq is not None:
         aq.calls += 1
+        if aq.qk_transform is not None:  # an orthogonal transform of the head dim: QK^T unchanged
+            query, key = aq.qk_transform(query), aq.qk_transform(key)
         query, key, value = aq.q(query), aq.k(key), aq.v(value)
     groups = query.shape[1] // key.shape[1]
     key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
@@ -646,12 +658,15 @@ def freeze_quantized_weights(model: nn.Module) -> int:
 
 def restore_model(model: nn.Module) -> None:
     """Undo quantize_model: original classes back, quantizers and attention hooks removed."""
+    for name, layer in quantized_layers(model):
+        if layer.input_transform is not None:
+            raise SurgeryError(f"cannot restore {name}: an input transform is fused into its weight")
     for _, module in model.named_modules():
         if is_quantized_layer(module):
             for attr in ("input_quantizer", "weight_quantizer", "output_quantizer"):
                 delattr(module, attr)
             module.__class__ = module.qsim_original_class
-            for attr in ("qsim_original_class", "_wq", "_wq_key", "_qsim_identity"):
+            for attr in ("qsim_original_class", "_wq", "_wq_key", "_qsim_identity", "input_transform"):
                 module.__dict__.pop(attr, None)
         if hasattr(module, "qsim_attn"):
             del module.qsim_attn

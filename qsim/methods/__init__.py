@@ -12,6 +12,9 @@ A stage has these hooks:
   model loads);
 - `reads(cfg)`: the (dataset, split) pairs `apply` reads itself (beyond the
   calibration windows), for the result's identity.
+A stage that needs each weight as it was before an earlier stage rounded it
+in place (LoRC after GPTQ) sets `reads_float_weights`; such a stage keeps a
+float copy on the layer (`layer.float_weight`, [out, in]) for it.
 
 `method.steps` lists stages in order: `[smoothquant, abfp]` is ABFP-SQ.
 """
@@ -49,6 +52,7 @@ class Method:
     validate: Callable = _nothing
     needs_calibration: bool = False
     reads: Callable = _no_data
+    reads_float_weights: bool = False
 
 
 def register(method: Method) -> Method:

@@ -44,7 +44,7 @@ from ..config import ConfigError
 from ..formats import IntFormat
 from ..quantizer import GRANULARITIES, QuantSpec, _dynamic_range, _quantize_view, _static_range
 from ..surgery import QuantHFConv1D, QuantLinear, compact_names, is_quantized_layer, role_specs
-from . import Method, MethodError, StopForward, register
+from . import METHODS, Method, MethodError, StopForward, register
 
 # ---------------------------------------------------------------- the grid, column by column
 
@@ -381,8 +381,10 @@ def _stackable(layers: list[nn.Module]) -> bool:
 
 
 @torch.no_grad()
-def quantize_group(names: list[str], modules: dict[str, nn.Module], hessian: torch.Tensor, g) -> dict[str, dict]:
-    """GPTQ the layers that share `hessian`, write their weights, return per-layer errors."""
+def quantize_group(names: list[str], modules: dict[str, nn.Module], hessian: torch.Tensor, g,
+                   keep_float: bool = False) -> dict[str, dict]:
+    """GPTQ the layers that share `hessian`, write their weights, return per-layer errors.
+    keep_float: leave the float weight on the layer as `float_weight` for a later stage."""
     named = [(n, modules[n]) for n in names]
     batches = [named] if _stackable([l for _, l in named]) else [[item] for item in named]
     stats = {}
@@ -403,12 +405,14 @@ def quantize_group(names: list[str], modules: dict[str, nn.Module], hessian: tor
                 "dead": result.dead_columns,
             }
             layer.weight.copy_(q.t() if layer.weight_axes == (1, 0) else q)
+            if keep_float:
+                layer.float_weight = original
             layer.weight_quantizer.enabled = False  # weights are on the grid now; see module doc
             layer.drop_weight_cache()
     return stats
 
 
-def run_gptq(model: nn.Module, calib: torch.Tensor, g, bar=None) -> dict:
+def run_gptq(model: nn.Module, calib: torch.Tensor, g, bar=None, keep_float: bool = False) -> dict:
     """GPTQ every quantized linear of the decoder blocks, block by block."""
     t0 = time.time()
     blocks_name, blocks = find_decoder_blocks(model)
@@ -427,7 +431,7 @@ def run_gptq(model: nn.Module, calib: torch.Tensor, g, bar=None) -> dict:
                       if is_quantized_layer(m) and gptq_supported(m) and m.weight_quantizer.active]
             modules = dict(layers)
             for names, hessian in collect_hessians(block, layers, inputs):
-                stats.update(quantize_group(names, modules, hessian, g))
+                stats.update(quantize_group(names, modules, hessian, g, keep_float))
                 del hessian
             if index + 1 < limit:
                 inputs.hidden = [_block_output(block(h, *a, **k))
@@ -525,7 +529,9 @@ def validate(cfg):
 
 
 def apply(model, calib, cfg, bar):
-    return run_gptq(model, calib, cfg.gptq, bar)
+    steps = list(cfg.method.steps)
+    later = steps[steps.index("gptq") + 1:]
+    return run_gptq(model, calib, cfg.gptq, bar, keep_float=any(METHODS[s].reads_float_weights for s in later))
 
 
 register(Method("gptq", configure=configure, apply=apply, validate=validate, needs_calibration=True))
