@@ -162,7 +162,7 @@ def newest_bench(bench_dir: Path = BENCH_DIR) -> Path:
 
 
 def bench_block(path: Path) -> str:
-    from .bench import TARGETS
+    from .bench import MODEL_CONFIGS, TARGETS
 
     b = json.loads(path.read_text())
     v, mo, fk, load, mem, cal = (b[k] for k in ("versions", "model_overhead", "format_kernels", "load", "memory", "calibration"))
@@ -175,9 +175,11 @@ def bench_block(path: Path) -> str:
         "| per-window range | ratio of summed times | target |",
         "|---|---:|---:|---:|---:|",
     ]
-    for name, row in mo["configs"].items():
+    order = list(MODEL_CONFIGS)  # the bench's order (the JSON's keys are sorted)
+    for name in sorted(mo["configs"], key=lambda n: order.index(n) if n in order else len(order)):
         if name == "FP32":
             continue
+        row = mo["configs"][name]
         target = f"<= {TARGETS[name]}" if name in TARGETS else ""
         lines.append(f"| {name} | {row['ratio']:.2f} | {row['ratio_min']:.2f}-{row['ratio_max']:.2f} "
                      f"| {row['ratio_of_totals']:.2f} | {target} |")
@@ -190,7 +192,7 @@ def bench_block(path: Path) -> str:
         "",
         "| cost | measured |",
         "|---|---:|",
-        f"| fake-quantize {fk['numel']} fp32 elements, in `x.clone()` times: INT4 / INT8 | {kernels(['int4', 'int8'])} |",
+        f"| fake-quantize {fk['numel'] / 2**20:g}M fp32 elements, in `x.clone()` times: INT4 / INT8 | {kernels(['int4', 'int8'])} |",
         f"| the same, E1M2 / E4M3 / E2M1 | {kernels(['e1m2', 'e4m3', 'e2m1'])} |",
         f"| the same, ABFP-64 INT4 / ABFP-64 E2M1 | {kernels(['abfp64-int4', 'abfp64-e2m1'])} |",
         f"| speed-up over qtorch `float_quantize`, {' / '.join(n.upper() for n in qtorch)} "
@@ -213,7 +215,8 @@ def render_blocks(manifest: dict[str, Entry] | None = None, bench: Path | None =
     manifest = load_manifest() if manifest is None else manifest
     return {
         "smollm2": ppl_table(manifest, ["smollm2-fp32", "smollm2-fp32-8w", "smollm2-w4a16-abfp64-8w",
-                                        "smollm2-w4a16-asym-block32-8w", "smollm2-w4a16-rtn", "smollm2-w4a16-gptq"],
+                                        "smollm2-w4a16-asym-block32-8w", "smollm2-w4a16-rtn", "smollm2-w4a16-rtn-asym",
+                                        "smollm2-w4a16-gptq"],
                              "SmolLM2-135M, WikiText-2 test, seq_len 512"),
         "qat-cost": qat_cost(manifest, "smollm2-w4a8-abfp-qat-cost"),
         "published-cost": published_cost(manifest),
