@@ -88,8 +88,9 @@ def code_commit() -> str:
     return _git("rev-parse", "HEAD")
 
 
-def publish(entry: Entry, commit: str, out_dir: Path = PUBLISHED_DIR) -> dict:
-    """Run the entry through the real CLI, offline, in a fresh process; keep its result.json with the commit."""
+def measure(entry: Entry, commit: str) -> dict:
+    """Run the entry through the real CLI, offline, in a fresh process: its result.json plus the
+    commit, which must be the one the run recorded (no commit while it ran)."""
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "QSIM_RESULTS_DIR": tmp, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
         env.setdefault("QSIM_DATA_DIR", str(REPO_ROOT.parent / "shared" / "data"))
@@ -97,8 +98,10 @@ def publish(entry: Entry, commit: str, out_dir: Path = PUBLISHED_DIR) -> dict:
                        cwd=REPO_ROOT, env=env, check=True)
         (path,) = Path(tmp).rglob(RESULT_FILE)
         result = json.loads(path.read_text())
+    if result["versions"]["git"].removesuffix("-dirty") != commit:
+        raise SystemExit(f"qsim.published: error: {entry.id} ran at {result['versions']['git']}, not {commit}: "
+                         "the repository changed during the run; run it again")
     result["published"] = {"id": entry.id, "run": list(entry.run), "command": entry.command, "commit": commit}
-    write_json_atomic(Path(out_dir) / f"{entry.id}.json", result)
     return result
 
 
@@ -107,12 +110,15 @@ def cmd_run(ids: list[str]) -> None:
     unknown = [i for i in ids if i not in manifest]
     if unknown:
         raise SystemExit(f"qsim.published: error: unknown id {', '.join(unknown)}; valid: {', '.join(manifest)}")
-    commit = code_commit()
     todo = [manifest[i] for i in ids] if ids else list(manifest.values())
     t0 = time.time()
     for k, entry in enumerate(todo, 1):
         print(f"[{k}/{len(todo)}] {entry.id}: {entry.command}", file=sys.stderr, flush=True)
-        result = publish(entry, commit)
+        commit = code_commit()
+        result = measure(entry, commit)
+        if code_commit() != commit:  # also fails on code edited during the run
+            raise SystemExit(f"qsim.published: error: the code changed while {entry.id} ran; run it again")
+        write_json_atomic(entry.path, result)
         print(f"[{k}/{len(todo)}] {entry.id}: {result['metric']} {result['value']:.4f} -> {entry.path.relative_to(REPO_ROOT)}",
               file=sys.stderr, flush=True)
     print(f"published {len(todo)} entries in {(time.time() - t0) / 60:.1f} min; `make readme` renders them", file=sys.stderr)

@@ -9,7 +9,7 @@ import pytest
 from qsim.config import compose_config
 from qsim.published import (
     BENCH_DIR, MANIFEST, PUBLISHED_DIR, README, Entry, block_names, load_manifest, load_published, newest_bench,
-    numerics_version, publish, render, render_blocks,
+    measure, numerics_version, render, render_blocks,
 )
 from qsim.results import REPO_ROOT, config_hash
 
@@ -64,14 +64,15 @@ def test_the_bench_numbers_come_from_the_newest_committed_bench_json():
 
 
 @pytest.mark.slow
-def test_publish_runs_the_real_cli_and_keeps_the_commit(tmp_path):
+def test_measure_runs_the_real_cli_and_checks_the_commit():
     entry = Entry("tiny", "tiny OPT", ("model=tiny-opt", "task.seq_len=64", "task.max_windows=2"))
-    result = publish(entry, "abc123", out_dir=tmp_path)
-    kept = json.loads((tmp_path / "tiny.json").read_text())
-    assert kept == result
-    assert kept["published"] == {"id": "tiny", "run": list(entry.run), "command": entry.command, "commit": "abc123"}
-    assert kept["config"]["model"]["name"] == "tiny-opt" and kept["config"]["progress"] is False
-    assert kept["eval"]["windows"] == 2 and math.isfinite(kept["value"])
+    head = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    result = measure(entry, head)
+    assert result["published"] == {"id": "tiny", "run": list(entry.run), "command": entry.command, "commit": head}
+    assert result["config"]["model"]["name"] == "tiny-opt" and result["config"]["progress"] is False
+    assert result["eval"]["windows"] == 2 and math.isfinite(result["value"])
+    with pytest.raises(SystemExit, match="the repository changed during the run"):
+        measure(entry, "0" * 40)
 
 
 @pytest.mark.slow
