@@ -4,7 +4,7 @@ export QSIM_DATA_DIR ?= $(abspath ../shared/data)
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: install test formats run bench
+.PHONY: install test formats run bench published readme
 
 install:
 	# torch first, pinned to the CPU wheel on disk, so nothing pulls a CUDA build
@@ -22,9 +22,17 @@ formats:
 run:
 	qsim run
 
-# Speed and memory (JSON in results/bench/), never timed tests; ~15 minutes (GPTQ 128 x 512 alone ~7).
+# Speed and memory (JSON in results/bench/), never timed tests; its time is in README Performance.
 bench:
 	$(PYTHON) -m qsim.bench
+
+# The README's numbers: `published` re-runs results/published/manifest.yaml (ARGS=ids for some),
+# `readme` renders the README's <!-- published:... --> blocks from those files and the newest bench JSON.
+published:
+	$(PYTHON) -m qsim.published run $(ARGS)
+
+readme:
+	$(PYTHON) -m qsim.published render
 
 # Paper tables and figures (conf/experiment/). `make tables` only renders what
 # results exist (never runs a model); `make table2` runs Table II's sweep on the

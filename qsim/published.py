@@ -1,0 +1,270 @@
+"""The README's measured numbers, kept as data and rendered, never typed.
+
+Perplexities and run costs come from `results/published/<id>.json`: the whole
+result.json of `qsim run <overrides>` for each entry of
+`results/published/manifest.yaml`, plus the commit that made it. Performance
+numbers come from the newest `results/bench/*.json` (`make bench`).
+
+    python -m qsim.published run [ids ...]   # make published: (re)measure entries
+    python -m qsim.published render          # make readme: rewrite the README's blocks
+
+A block is the text between `<!-- published:NAME -->` and `<!-- /published -->`
+in README.md; tests/test_published.py fails when the README differs from its
+rendering or a file differs from its manifest entry.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .results import REPO_ROOT, RESULT_FILE, write_json_atomic
+
+PUBLISHED_DIR = REPO_ROOT / "results" / "published"
+MANIFEST = PUBLISHED_DIR / "manifest.yaml"
+BENCH_DIR = REPO_ROOT / "results" / "bench"
+README = REPO_ROOT / "README.md"
+# What the recorded commit must name exactly: a published number is made by committed code.
+CODE_PATHS = ("qsim", "conf", "pyproject.toml")
+BLOCK = re.compile(r"(<!-- published:([\w-]+) -->)(.*?)(<!-- /published -->)", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Entry:
+    id: str
+    label: str
+    run: tuple[str, ...]  # `qsim run` overrides
+
+    @property
+    def command(self) -> str:
+        return " ".join(("qsim run", *self.run))
+
+    @property
+    def path(self) -> Path:
+        return PUBLISHED_DIR / f"{self.id}.json"
+
+
+def load_manifest(path: Path = MANIFEST) -> dict[str, Entry]:
+    raw = yaml.safe_load(Path(path).read_text())
+    return {id_: Entry(id_, spec["label"], tuple(spec["run"])) for id_, spec in raw.items()}
+
+
+def load_published(entry: Entry) -> dict:
+    return json.loads(entry.path.read_text())
+
+
+def numerics_version(result: dict | None = None) -> str:
+    """The numerics version a result was made with (None: this code's).
+    TODO(integrator): switch both to the numerics-version mechanism (qsim.NUMERICS_VERSION and
+    the field run.py records) when it lands; until then the qsim version stands in for it."""
+    if result is None:
+        from . import __version__
+
+        return __version__
+    return result["versions"]["qsim"]
+
+
+# ---------------------------------------------------------------- run
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def code_commit() -> str:
+    """HEAD, if the code under CODE_PATHS has no uncommitted change (else the commit would not name what ran)."""
+    changed = _git("status", "--porcelain", "--", *CODE_PATHS)
+    if changed:
+        raise SystemExit("qsim.published: error: commit the code first; uncommitted: "
+                         + ", ".join(line[3:] for line in changed.splitlines()))
+    return _git("rev-parse", "HEAD")
+
+
+def measure(entry: Entry, commit: str) -> dict:
+    """Run the entry through the real CLI, offline, in a fresh process: its result.json plus the
+    commit, which must be the one the run recorded (no commit while it ran)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "QSIM_RESULTS_DIR": tmp, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+        env.setdefault("QSIM_DATA_DIR", str(REPO_ROOT.parent / "shared" / "data"))
+        subprocess.run([sys.executable, "-m", "qsim.cli", "run", *entry.run, "progress=false"],
+                       cwd=REPO_ROOT, env=env, check=True)
+        (path,) = Path(tmp).rglob(RESULT_FILE)
+        result = json.loads(path.read_text())
+    if result["versions"]["git"].removesuffix("-dirty") != commit:
+        raise SystemExit(f"qsim.published: error: {entry.id} ran at {result['versions']['git']}, not {commit}: "
+                         "the repository changed during the run; run it again")
+    result["published"] = {"id": entry.id, "run": list(entry.run), "command": entry.command, "commit": commit}
+    return result
+
+
+def cmd_run(ids: list[str]) -> None:
+    manifest = load_manifest()
+    unknown = [i for i in ids if i not in manifest]
+    if unknown:
+        raise SystemExit(f"qsim.published: error: unknown id {', '.join(unknown)}; valid: {', '.join(manifest)}")
+    todo = [manifest[i] for i in ids] if ids else list(manifest.values())
+    t0 = time.time()
+    for k, entry in enumerate(todo, 1):
+        print(f"[{k}/{len(todo)}] {entry.id}: {entry.command}", file=sys.stderr, flush=True)
+        commit = code_commit()
+        result = measure(entry, commit)
+        if code_commit() != commit:  # also fails on code edited during the run
+            raise SystemExit(f"qsim.published: error: the code changed while {entry.id} ran; run it again")
+        write_json_atomic(entry.path, result)
+        print(f"[{k}/{len(todo)}] {entry.id}: {result['metric']} {result['value']:.4f} -> {entry.path.relative_to(REPO_ROOT)}",
+              file=sys.stderr, flush=True)
+    print(f"published {len(todo)} entries in {(time.time() - t0) / 60:.1f} min; `make readme` renders them", file=sys.stderr)
+
+
+# ---------------------------------------------------------------- render
+
+def _link(entry: Entry, text: str) -> str:
+    return f"[{text}]({entry.path.relative_to(REPO_ROOT)})"
+
+
+def _commits(results: list[dict]) -> str:
+    return ", ".join(sorted({r["published"]["commit"][:7] for r in results}))
+
+
+def ppl_table(manifest: dict[str, Entry], ids: list[str], title: str) -> str:
+    """A perplexity table, one row per entry, each value linked to its file, with its command."""
+    entries = [manifest[i] for i in ids]
+    results = [load_published(e) for e in entries]
+    lines = [f"| {title} | windows | ppl | command |", "|---|---:|---:|---|"]
+    for e, r in zip(entries, results):
+        value = _link(e, f"{r['value']:.2f}")
+        lines.append(f"| {e.label} | {r['eval']['windows']} | {value} | `{e.command}` |")
+    lines += ["", f"Measured at commit {_commits(results)} (qsim {', '.join(sorted({numerics_version(r) for r in results}))})."]
+    return "\n" + "\n".join(lines) + "\n"
+
+
+def qat_cost(manifest: dict[str, Entry], id_: str) -> str:
+    from .config import QATConfig
+
+    entry = manifest[id_]
+    qat = load_published(entry)["methods"]["qat"]
+    per_step = qat["seconds_train"] / qat["steps"]
+    default_steps = QATConfig().steps
+    return (f"{per_step:.1f} s a step at seq_len {qat['seq_len']} ({_link(entry, f'`{entry.command}`')}), "
+            f"so the default {default_steps} steps take {per_step * default_steps / 60:.0f} minutes")
+
+
+def published_cost(manifest: dict[str, Entry]) -> str:
+    results = [load_published(e) for e in manifest.values()]
+    minutes = sum(r["timings"]["total"] for r in results) / 60
+    return f"{len(results)} entries; their runs took {minutes:.0f} minutes together at the last refresh"
+
+
+def newest_bench(bench_dir: Path = BENCH_DIR) -> Path:
+    return max(Path(bench_dir).glob("*.json"))  # names are <date>_<time>.json
+
+
+def bench_block(path: Path) -> str:
+    from .bench import MODEL_CONFIGS, TARGETS
+
+    b = json.loads(path.read_text())
+    v, mo, fk, load, mem, cal = (b[k] for k in ("versions", "model_overhead", "format_kernels", "load", "memory", "calibration"))
+    lines = [
+        f"Measured {b['started'][:10]} at commit {v['git'][:7]}{' (dirty)' if v['git'].endswith('-dirty') else ''} "
+        f"on {b['cpu_count']} CPU cores (torch {v['torch']}, {mo['threads']} threads), "
+        f"`{path.relative_to(REPO_ROOT)}`; the whole bench took {b['bench_seconds'] / 60:.1f} minutes.",
+        "",
+        f"| model overhead, SmolLM2, {mo['windows']} x {mo['seq_len']} tokens | ratio to FP32 (median) "
+        "| per-window range | ratio of summed times | target |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    order = list(MODEL_CONFIGS)  # the bench's order (the JSON's keys are sorted)
+    for name in sorted(mo["configs"], key=lambda n: order.index(n) if n in order else len(order)):
+        if name == "FP32":
+            continue
+        row = mo["configs"][name]
+        target = f"<= {TARGETS[name]}" if name in TARGETS else ""
+        lines.append(f"| {name} | {row['ratio']:.2f} | {row['ratio_min']:.2f}-{row['ratio_max']:.2f} "
+                     f"| {row['ratio_of_totals']:.2f} | {target} |")
+
+    def kernels(names):
+        return " / ".join(f"{fk[n]['x_clone']:.1f}" for n in names)
+
+    qtorch = [n for n in ("e1m2", "e4m3", "e2m1") if "speedup_vs_qtorch" in fk[n]]
+    lines += [
+        "",
+        "| cost | measured |",
+        "|---|---:|",
+        f"| fake-quantize {fk['numel'] / 2**20:g}M fp32 elements, in `x.clone()` times: INT4 / INT8 | {kernels(['int4', 'int8'])} |",
+        f"| the same, E1M2 / E4M3 / E2M1 | {kernels(['e1m2', 'e4m3', 'e2m1'])} |",
+        f"| the same, ABFP-64 INT4 / ABFP-64 E2M1 | {kernels(['abfp64-int4', 'abfp64-e2m1'])} |",
+        f"| speed-up over qtorch `float_quantize`, {' / '.join(n.upper() for n in qtorch)} "
+        f"| {' / '.join(format(fk[n]['speedup_vs_qtorch'], '.1f') + 'x' for n in qtorch)} |",
+        f"| SmolLM2 load: first (dequantizes the GGUF) / cached, plus Python imports "
+        f"| {load['first']['load_seconds']:.1f} s / {load['cached']['load_seconds']:.1f} s, "
+        f"+{load['cached']['import_seconds']:.1f} s |",
+        f"| peak RSS of an evaluation: FP32 / W4A8 ABFP n=64 | {mem['fp32_peak_rss_mb']:.0f} / "
+        f"{mem['w4a8_abfp_peak_rss_mb']:.0f} MB ({mem['ratio']:.2f}x) |",
+    ]
+    for name, label in (("gptq", "GPTQ"), ("smoothquant", "SmoothQuant"), ("mse", "MSE")):
+        c = cal[name]
+        lines.append(f"| {label} calibration on {c['calib_samples']} x 512 tokens (own process): time / peak RSS "
+                     f"| {c['calibrate_seconds']:.0f} s / {c['peak_rss_mb']:.0f} MB |")
+    return "\n" + "\n".join(lines) + "\n"
+
+
+def render_blocks(manifest: dict[str, Entry] | None = None, bench: Path | None = None) -> dict[str, str]:
+    """Every block's text, from the files."""
+    manifest = load_manifest() if manifest is None else manifest
+    return {
+        "smollm2": ppl_table(manifest, ["smollm2-fp32", "smollm2-fp32-8w", "smollm2-w4a16-abfp64-8w",
+                                        "smollm2-w4a16-asym-block32-8w", "smollm2-w4a16-rtn", "smollm2-w4a16-rtn-asym",
+                                        "smollm2-w4a16-gptq"],
+                             "SmolLM2-135M, WikiText-2 test, seq_len 512"),
+        "qat-cost": qat_cost(manifest, "smollm2-w4a8-abfp-qat-cost"),
+        "published-cost": published_cost(manifest),
+        "bench": bench_block(newest_bench() if bench is None else bench),
+    }
+
+
+def render(text: str, blocks: dict[str, str]) -> str:
+    """text with each block's content replaced by its rendering; an unknown block name is an error."""
+    def fill(m: re.Match) -> str:
+        name = m.group(2)
+        if name not in blocks:
+            raise KeyError(f"README block {name!r} has no renderer; known: {', '.join(blocks)}")
+        return m.group(1) + blocks[name] + m.group(4)
+
+    return BLOCK.sub(fill, text)
+
+
+def block_names(text: str) -> list[str]:
+    return [m.group(2) for m in BLOCK.finditer(text)]
+
+
+def cmd_render() -> None:
+    text = README.read_text()
+    new = render(text, render_blocks())
+    if new != text:
+        README.write_text(new)
+    print(f"README.md: {len(block_names(text))} blocks rendered, {'changed' if new != text else 'unchanged'}", file=sys.stderr)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m qsim.published", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run_p = sub.add_parser("run", help="re-measure manifest entries (all without ids)")
+    run_p.add_argument("ids", nargs="*")
+    sub.add_parser("render", help="rewrite the README's published blocks from the files")
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        cmd_run(args.ids)
+    else:
+        cmd_render()
+
+
+if __name__ == "__main__":
+    main()
