@@ -62,15 +62,13 @@ def load_published(entry: Entry) -> dict:
     return json.loads(entry.path.read_text())
 
 
-def numerics_version(result: dict | None = None) -> str:
-    """The numerics version a result was made with (None: this code's).
-    TODO(integrator): switch both to the numerics-version mechanism (qsim.NUMERICS_VERSION and
-    the field run.py records) when it lands; until then the qsim version stands in for it."""
+def numerics_version(result: dict | None = None) -> int:
+    """The numerics version a result was made with (None: this code's, qsim.NUMERICS_VERSION)."""
     if result is None:
-        from . import __version__
+        from . import NUMERICS_VERSION
 
-        return __version__
-    return result["versions"]["qsim"]
+        return NUMERICS_VERSION
+    return result["numerics_version"]
 
 
 # ---------------------------------------------------------------- run
@@ -142,7 +140,7 @@ def ppl_table(manifest: dict[str, Entry], ids: list[str], title: str) -> str:
     for e, r in zip(entries, results):
         value = _link(e, f"{r['value']:.2f}")
         lines.append(f"| {e.label} | {r['eval']['windows']} | {value} | `{e.command}` |")
-    lines += ["", f"Measured at commit {_commits(results)} (qsim {', '.join(sorted({numerics_version(r) for r in results}))})."]
+    lines += ["", f"Measured at commit {_commits(results)} (numerics version {', '.join(sorted({str(numerics_version(r)) for r in results}))})."]
     return "\n" + "\n".join(lines) + "\n"
 
 

@@ -11,7 +11,7 @@ from qsim.published import (
     BENCH_DIR, MANIFEST, PUBLISHED_DIR, README, Entry, block_names, load_manifest, load_published, newest_bench,
     measure, numerics_version, render, render_blocks,
 )
-from qsim.results import REPO_ROOT, config_hash
+from qsim.results import REPO_ROOT, config_hash, stale_reason
 
 
 def is_ancestor_of_head(commit: str) -> bool:
@@ -42,6 +42,7 @@ def test_each_published_file_comes_from_its_manifest_entry():
         # the config it recorded is the one these overrides make now (defaults included: a changed default shows)
         assert config_hash(result["config"]) == config_hash(_resolved(entry.run)), entry.id
         assert numerics_version(result) == numerics_version(), f"{entry.id}: re-run `make published`"
+        assert stale_reason(result) is None, f"{entry.id}: stale {stale_reason(result)}; re-run `make published`"
         commit = result["published"]["commit"]
         assert result["versions"]["git"].removesuffix("-dirty") == commit
         assert is_ancestor_of_head(commit), f"{entry.id}: made at {commit}, not in this history"
