@@ -144,17 +144,6 @@ def ppl_table(manifest: dict[str, Entry], ids: list[str], title: str) -> str:
     return "\n" + "\n".join(lines) + "\n"
 
 
-def qat_cost(manifest: dict[str, Entry], id_: str) -> str:
-    from .config import QATConfig
-
-    entry = manifest[id_]
-    qat = load_published(entry)["methods"]["qat"]
-    per_step = qat["seconds_train"] / qat["steps"]
-    default_steps = QATConfig().steps
-    return (f"{per_step:.1f} s a step at seq_len {qat['seq_len']} ({_link(entry, f'`{entry.command}`')}), "
-            f"so the default {default_steps} steps take {per_step * default_steps / 60:.0f} minutes")
-
-
 def published_cost(manifest: dict[str, Entry]) -> str:
     results = [load_published(e) for e in manifest.values()]
     minutes = sum(r["timings"]["total"] for r in results) / 60
@@ -219,10 +208,8 @@ def render_blocks(manifest: dict[str, Entry] | None = None, bench: Path | None =
     manifest = load_manifest() if manifest is None else manifest
     return {
         "smollm2": ppl_table(manifest, ["smollm2-fp32", "smollm2-fp32-8w", "smollm2-w4a16-abfp64-8w",
-                                        "smollm2-w4a16-asym-block32-8w", "smollm2-w4a16-rtn", "smollm2-w4a16-rtn-asym",
-                                        "smollm2-w4a16-gptq"],
+                                        "smollm2-w4a16-asym-block32-8w"],
                              "SmolLM2-135M, WikiText-2 test, seq_len 512"),
-        "qat-cost": qat_cost(manifest, "smollm2-w4a8-abfp-qat-cost"),
         "published-cost": published_cost(manifest),
         "bench": bench_block(newest_bench() if bench is None else bench),
     }
