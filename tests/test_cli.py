@@ -37,7 +37,7 @@ BAD_INPUT = [
     (["format=w4a8", "method=abfp", "quant.v_axis=seq"], "non-causal quantization: attention V", "set quant.causal=false"),
     (["format=w4a8", "quant.act.granularity=tensor"], "non-causal quantization: layer inputs", "set quant.causal=false"),
     (["quant.v_axis=rows"], "unknown quant.v_axis 'rows'; valid: ", "head_dim"),
-    (["model=tiny-opt", "task.seq_len=64", "method=mse"], "calib.seq_len=512 is longer than model 'tiny-opt' has positions (256)", "<=256"),
+    (["model=tiny-opt", "task.seq_len=64", "format=w4a8", "method=mse"], "calib.seq_len=512 is longer than model 'tiny-opt' has positions (256)", "<=256"),
     (["task.seq_len=9000"], "task.seq_len=9000 is longer than model 'smollm2-135m' has positions", "task.seq_len<="),
 ]
 
