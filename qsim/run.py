@@ -74,8 +74,9 @@ def build_plan(cfg) -> SurgeryPlan:
     return plan
 
 
-def preflight(cfg) -> SurgeryPlan:
-    """Every check that needs no weights: names, ranges, data on disk, override patterns."""
+def preflight(cfg, evaluates: bool = True) -> SurgeryPlan:
+    """Every check that needs no weights: names, ranges, data on disk, override patterns.
+    evaluates=False: the command reads calibration windows only (qsim sensitivity), not the task's."""
     validate(cfg)
     TASKS[cfg.task.name].check(cfg)
     if any(METHODS[s].needs_calibration for s in cfg.method.steps):
@@ -90,7 +91,7 @@ def preflight(cfg) -> SurgeryPlan:
     check_causal(plan_leaks(plan), cfg, ConfigError)
     config = model_config(cfg.model)
     if config is not None:
-        check_positions(cfg, getattr(config, "max_position_embeddings", None))
+        check_positions(cfg, getattr(config, "max_position_embeddings", None), evaluates)
         if plan.overrides:
             try:
                 check_patterns(skeleton_layer_names(config), plan)
@@ -99,14 +100,14 @@ def preflight(cfg) -> SurgeryPlan:
     return plan
 
 
-def check_positions(cfg, max_positions: int | None) -> None:
-    """Every window the run feeds the model fits its position table (a longer one would
+def check_positions(cfg, max_positions: int | None, evaluates: bool = True) -> None:
+    """Every window the command feeds the model fits its position table (a longer one would
     index past it, or silently extrapolate)."""
     if max_positions is None:
         return
-    lengths = {"task.seq_len": cfg.task.seq_len}
+    lengths = {"task.seq_len": cfg.task.seq_len} if evaluates else {}
     steps = [METHODS[s] for s in cfg.method.steps]
-    if any(m.needs_calibration for m in steps):
+    if not evaluates or any(m.needs_calibration for m in steps):
         lengths["calib.seq_len"] = cfg.calib.seq_len
     if "qat" in cfg.method.steps:
         lengths["qat.seq_len"] = cfg.qat.seq_len

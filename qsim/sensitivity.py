@@ -219,7 +219,7 @@ def cmd_sensitivity(args: list[str]) -> None:
     except Exception as err:
         fail(_explain_compose_error(err, args))
     try:
-        plan = preflight(cfg)
+        plan = preflight(cfg, evaluates=False)
         if cfg.sensitivity.windows < 1 or cfg.sensitivity.top < 1:
             raise ConfigError("sensitivity.windows and sensitivity.top must be >= 1")
         data.check_available(cfg.calib.dataset, cfg.calib.split)

@@ -77,6 +77,10 @@ def test_sensitivity_cli_writes_csv_png_and_top(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "qsim.cli", "sensitivity", "model=tiny-opt", "format=w9"],
                          capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "unknown format" in bad.stderr
+    # it measures on calibration windows: their length is checked against the positions, the task's is not
+    long = subprocess.run([sys.executable, "-m", "qsim.cli", "sensitivity", "model=tiny-opt", "calib.seq_len=300"],
+                          capture_output=True, text=True, env=env)
+    assert long.returncode == 2 and "calib.seq_len=300 is longer than model 'tiny-opt' has positions (256)" in long.stderr
 
 
 def test_prefix_cache_gives_the_same_numbers(one_thread):

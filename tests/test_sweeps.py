@@ -60,16 +60,17 @@ def summary_line(proc) -> str:
 
 def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path):
     results = tmp_path / "results"
-    # seq_len 5e6 is longer than the whole test split: that job fails while evaluating
-    args = ["method=abfp", "task.max_windows=1", "task.seq_len=5000000,64"]
+    # a hub model that is not in the cache passes the checks before load (offline, its config is
+    # not at hand) and fails while loading: a real run-time failure
+    args = ["method=abfp", "task.max_windows=1", "model.hf_id=qsim-test/not-in-cache", "model.source=hub,tiny-opt"]
     proc = sweep(results, *args)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "qsim sweep: 2 jobs: 1 done, 0 skipped, 1 failed" in summary_line(proc)
-    assert "fewer than seq_len=5000000" in proc.stdout  # the summary names the failure
+    assert "could not load 'qsim-test/not-in-cache'" in proc.stdout  # the summary names the failure
     [first] = sweep_dirs(results)
     failed, done = statuses(first)
-    assert failed["status"] == "failed" and "task.seq_len=5000000" in failed["overrides"]
-    assert failed["error"].startswith("ValueError: the evaluation text has")
+    assert failed["status"] == "failed" and "model.source=hub" in failed["overrides"]
+    assert failed["error"].startswith("ModelLoadError: could not load 'qsim-test/not-in-cache'")
     assert "Traceback" in Path(failed["traceback"]).read_text()
     assert done["status"] == "done" and Path(done["result"]).exists()
     assert json.loads((first / "summary.json").read_text())["failed"] == 1
