@@ -35,7 +35,8 @@ token's norm, max/rms up to 23.8 of a possible 24) in channels whose RMSNorm
 scale is ~0; folding that scale into the weights leaves the channel in the
 quantized input, and the rotation spreads it over every channel (per-token
 INT4 error of the gate/up input 0.15-0.22 of the output vs 0.11-0.12 with the
-scale applied before the rotation).
+scale applied before the rotation). `rotate.residual=none` leaves the stream
+and the norms alone: only 3-5 apply.
 
 Hadamard matrices of size n = 2^m * K: Sylvester's for 2^m times a Paley matrix
 of order K (Paley I: K = q + 1 with q prime, q = 3 mod 4: 12, 20, 24, 44, ...;
@@ -70,7 +71,7 @@ from . import Method, register
 from .gptq import _one_thread
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
-RESIDUAL_KINDS = ("hadamard", "random", "online")
+RESIDUAL_KINDS = ("hadamard", "random", "online", "none")
 FUSE_DTYPE = torch.float32
 _EMBEDDING_CHUNK = 8192  # rows of an embedding rotated at a time
 
@@ -360,7 +361,9 @@ class RandomizedHadamard(nn.Module):
 
 
 def residual_rotation(n: int, kind: str, seed: int) -> tuple[nn.Module, dict]:
-    """The module h -> h Q (fast for a Hadamard Q) and its description."""
+    """The module h -> h Q (fast for a Hadamard Q; None for "none") and its description."""
+    if kind == "none":
+        return None, {"kind": "none"}
     if kind in ("hadamard", "online") and hadamard_split(n) is not None:
         r = RandomizedHadamard(n, seed)
         return r, {"kind": "hadamard", "size": n, "construction": r.hadamard.construction, "random_signs_seed": seed}
@@ -375,11 +378,12 @@ def rotate_model(model: nn.Module, rc, bar=None) -> dict:
     lay = layout(model)
     device = lay.head.weight.device
     q, residual_facts = residual_rotation(lay.hidden, rc.residual, rc.seed)
-    q = q.to(device)  # fusing: W -> q(W) = W Q (readers), W -> q(W^T)^T = Q^T W (writers)
-    in_weights = rc.residual != "online"  # else: norms kept, their outputs rotated online at each reader
+    in_weights = rc.residual in ("hadamard", "random")  # else: norms kept; "online": outputs rotated at readers
+    if q is not None:
+        q = q.to(device)  # fusing: W -> q(W) = W Q (readers), W -> q(W^T)^T = Q^T W (writers)
     online = rotation(lay.blocks[0].mlp_out.in_features, rc.seed).to(device) if rc.online else None
     head_rot = rotation(lay.head_dim, rc.seed).to(device) if (rc.ov or rc.qk) else None
-    reader_transform = SharedInput(q)
+    reader_transform = SharedInput(q) if rc.residual == "online" else None
     if bar is not None:
         bar.start(len(lay.blocks))
     facts = {"family": lay.family, "seed": rc.seed, "residual": residual_facts}
@@ -428,7 +432,7 @@ def rotate_model(model: nn.Module, rc, bar=None) -> dict:
                     wb[1] = None if wb[1] is None else wb[1] - wb[1].mean()
                 wb[0] = q(wb[0].t()).t()
                 wb[1] = None if wb[1] is None else q(wb[1])
-        else:
+        elif reader_transform is not None:
             for m in b.attn_in + b.mlp_in:
                 online_input(m, reader_transform, reader_sites, skipped)
         if online is not None:
@@ -460,7 +464,7 @@ def rotate_model(model: nn.Module, rc, bar=None) -> dict:
             if name in blocks_attention:
                 aq.qk_transform = head_rot
                 qk_sites.append(name)
-    applied = (["norm folding", "residual"] if in_weights else ["norm outputs online"]) + \
+    applied = (["norm folding", "residual"] if in_weights else ["norm outputs online"] if reader_transform else []) + \
         (["online down_proj"] if online_sites else []) + (["ov head-wise"] if rc.ov else []) + \
         (["qk head-dim"] if qk_sites else [])
     facts.update({
@@ -471,7 +475,7 @@ def rotate_model(model: nn.Module, rc, bar=None) -> dict:
         "zero_mean_residual": in_weights and lay.layernorm,
         "untied_lm_head": untied,
         "norm_outputs_online": {"sites": len(reader_sites), "runtime": describe(q.hadamard)["runtime"]
-                                if isinstance(q, RandomizedHadamard) else "dense matmul"} if not in_weights else None,
+                                if isinstance(q, RandomizedHadamard) else "dense matmul"} if reader_transform else None,
         "online": {**describe(online), "sites": len(online_sites)} if online is not None else None,
         "not_quantized_left_alone": skipped,
         "ov": {**describe(head_rot), "blocks": len(lay.blocks)} if rc.ov else None,
