@@ -157,6 +157,8 @@ class QATConfig:
 class RotateConfig:
     seed: int = 0  # random signs of the residual Hadamard (or the random orthogonal matrix)
     residual: str = "hadamard"  # hadamard (randomized; Kronecker of known orders for other sizes) | random (orthogonal)
+    # | online (norms keep their scales; the randomized Hadamard runs online on each norm's output, see methods/rotate.py)
+    # | none (only the online / ov / qk rotations below)
     online: bool = True  # Hadamard on down_proj / fc2 inputs, applied at run time, inverse fused into the weight
     ov: bool = True  # head-wise Hadamard on V (fused into v_proj) and O (fused into o_proj)
     qk: bool = True  # head-dim Hadamard on Q and K after RoPE, when the attention matmuls are quantized

@@ -113,29 +113,32 @@ def _rel_change(a, b):
 ALL_ROTATIONS = ["norm folding", "residual", "online down_proj", "ov head-wise", "qk head-dim"]
 
 
-@pytest.mark.parametrize("which", ["llama", "opt"])
-def test_rotated_tiny_model_computes_the_same_function(which):
+@pytest.mark.parametrize("which, residual", [("llama", "hadamard"), ("opt", "hadamard"), ("opt", "online")])
+def test_rotated_tiny_model_computes_the_same_function(which, residual):
     model = tiny_llama() if which == "llama" else tiny_preln_opt()
     ids = torch.randint(0, 512, (1, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = model(ids, use_cache=False).logits
-    facts = _rotated(model, *(["model=tiny-opt"] if which == "opt" else []))
-    assert facts["rotations"] == ALL_ROTATIONS and facts["untied_lm_head"]
+    facts = _rotated(model, f"rotate.residual={residual}", *(["model=tiny-opt"] if which == "opt" else []))
     assert _rel_change(_float_logits(model, ids), ref) < 1e-4
+    if residual == "online":
+        assert facts["rotations"] == ["norm outputs online"] + ALL_ROTATIONS[2:] and facts["layernorms_as_rmsnorm"] == 0
+    else:
+        assert facts["rotations"] == ALL_ROTATIONS and facts["untied_lm_head"]
     if which == "llama":
         assert facts["residual"]["construction"] == "Sylvester 2 x Paley II (q=17) 36"
         assert facts["online"]["construction"] == "Sylvester 8 x Paley I (q=11) 12" and facts["online"]["sites"] == 2
-    else:
+    elif residual == "hadamard":
         assert facts["layernorms_as_rmsnorm"] == 5 and facts["zero_mean_residual"]
     with torch.no_grad():  # quantizers on: the rotated model quantizes differently, and finitely
         quantized = model(ids, use_cache=False).logits
     assert torch.isfinite(quantized).all() and _rel_change(quantized, ref) > 1e-3
 
 
-def test_residual_rotation_seed_and_random_orthogonal_kind():
+def test_residual_rotation_seed_random_orthogonal_and_online_kinds():
     ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(1))
     outs = {}
-    for overrides in (["rotate.seed=0"], ["rotate.seed=1"], ["rotate.residual=random"]):
+    for overrides in (["rotate.seed=0"], ["rotate.seed=1"], ["rotate.residual=random"], ["rotate.residual=online"]):
         model = tiny_llama()
         with torch.no_grad():
             ref = model(ids, use_cache=False).logits
@@ -144,6 +147,10 @@ def test_residual_rotation_seed_and_random_orthogonal_kind():
         outs[overrides[0]] = model.model.embed_tokens.weight.detach().clone()
         if overrides[0] == "rotate.residual=random":
             assert facts["residual"] == {"kind": "random orthogonal", "size": 72, "seed": 0}
+        if overrides[0] == "rotate.residual=online":  # embeddings and norms untouched, 5 readers a block
+            assert facts["rotations"] == ["norm outputs online"] + ALL_ROTATIONS[2:]
+            assert facts["norm_outputs_online"]["sites"] == 10 and not facts["untied_lm_head"]
+            assert torch.equal(model.model.embed_tokens.weight, tiny_llama().model.embed_tokens.weight)
     assert not torch.equal(outs["rotate.seed=0"], outs["rotate.seed=1"])
 
 
