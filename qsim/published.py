@@ -203,6 +203,16 @@ def bench_block(path: Path) -> str:
     return "\n" + "\n".join(lines) + "\n"
 
 
+ABFP_ROWS = ["smollm2-w4a8-abfp", "smollm2-w4a8-abfp128", "smollm2-w4-ae4m3-abfp", "smollm2-w4a8-abfp-sq",
+             "smollm2-e2m1-abfp", "smollm2-w4a4-abfp", "smollm2-e1m2-abfp", "smollm2-w4a4-abfp-sq",
+             "smollm2-w4a4-abfp-qat"]
+ROTATION_ROWS = ["smollm2-w4a16-rtn", "smollm2-w4a16-gptq", "smollm2-w4a16-gptq-lorc",
+                 "smollm2-w4a8-rtn", "smollm2-w4a8-rotate-gptq", "smollm2-w4a8-rotate-gptq-online",
+                 "smollm2-w4a4-rtn", "smollm2-w4a4-rotate-gptq", "smollm2-w4a4-rotate-gptq-online",
+                 "smollm2-w4a4-abfp", "smollm2-w4a4-rotate-abfp", "smollm2-w4a4-rotate-abfp-online",
+                 "smollm2-e2m1-abfp", "smollm2-e2m1-rotate-abfp", "smollm2-e2m1-rotate-abfp-online"]
+
+
 def render_blocks(manifest: dict[str, Entry] | None = None, bench: Path | None = None) -> dict[str, str]:
     """Every block's text, from the files."""
     manifest = load_manifest() if manifest is None else manifest
@@ -210,6 +220,8 @@ def render_blocks(manifest: dict[str, Entry] | None = None, bench: Path | None =
         "smollm2": ppl_table(manifest, ["smollm2-fp32", "smollm2-fp32-8w", "smollm2-w4a16-abfp64-8w",
                                         "smollm2-w4a16-asym-block32-8w"],
                              "SmolLM2-135M, WikiText-2 test, seq_len 512"),
+        "smollm2-abfp": ppl_table(manifest, ABFP_ROWS, "ABFP on SmolLM2 (causal attention scales), WikiText-2 test, seq_len 512"),
+        "rotation": ppl_table(manifest, ROTATION_ROWS, "rotation and LoRC on SmolLM2, WikiText-2 test, seq_len 512"),
         "published-cost": published_cost(manifest),
         "bench": bench_block(newest_bench() if bench is None else bench),
     }
