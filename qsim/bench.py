@@ -31,6 +31,9 @@ from .results import REPO_ROOT, versions, write_json_atomic
 
 MODEL_CONFIGS = {
     "W4A8 RTN": ["format=w4a8", "method=rtn"],
+    "W4A8 ABFP n=64 +attention (the default)": ["format=w4a8", "method=abfp"],
+    "W4A8 ABFP n=64 +attention, bf16 accumulator per 128": ["format=w4a8", "method=abfp", "quant.accum=bf16",
+                                                            "quant.accum_chunk=128"],
     "W4A8 ABFP n=64": ["format=w4a8", "method=abfp", "abfp.attention=false"],
     "E2M1 ABFP n=64": ["format=e2m1", "method=abfp", "abfp.attention=false"],
     "W4-AE4M3 ABFP n=64": ["format=w4-ae4m3", "method=abfp", "abfp.attention=false"],
@@ -38,6 +41,7 @@ MODEL_CONFIGS = {
     "W4A4 ABFP n=64 +attention +rotate": ["format=w4a4", "method=rotate-abfp", "abfp.attention=true"],
 }
 KERNEL_FORMATS = ["int4", "int8", "e2m1", "e1m2", "e4m3"]
+SCALED_KERNEL_FORMATS = ["mxfp4", "mxfp8_e4m3", "nvfp4"]
 QTORCH_BITS = {"e2m1": (2, 1), "e1m2": (1, 2), "e4m3": (4, 3)}
 
 
@@ -143,6 +147,10 @@ def format_kernels(numel: int = 1 << 22, repeats: int = 25) -> dict:
         xb = x.view(-1, 1024)
         s = _timeit(lambda: fake_quantize(xb, spec), repeats)
         out[f"abfp64-{name}"] = {"seconds": s, "GB_per_s": nbytes / s / 1e9, "x_clone": s / clone_s}
+    for name in SCALED_KERNEL_FORMATS:  # element rounding plus the block scales
+        spec = QuantSpec(format=name, granularity="token")
+        s = _timeit(lambda: fake_quantize(xb, spec), repeats)
+        out[name] = {"seconds": s, "GB_per_s": nbytes / s / 1e9, "x_clone": s / clone_s}
     return out
 
 
@@ -248,6 +256,7 @@ def memory(windows: int) -> dict:
 
 TARGETS = {
     "W4A8 ABFP n=64": 1.15, "E2M1 ABFP n=64": 1.3, "W4-AE4M3 ABFP n=64": 1.3, "W4A4 ABFP n=64 +attention": 1.4,
+    "W4A8 ABFP n=64 +attention (the default)": 1.2, "W4A8 ABFP n=64 +attention, bf16 accumulator per 128": 3.0,
 }
 # name -> (the same config without the extra stage, target ratio of the two)
 RELATIVE_TARGETS = {"W4A4 ABFP n=64 +attention +rotate": ("W4A4 ABFP n=64 +attention", 1.15)}

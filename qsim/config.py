@@ -8,6 +8,8 @@ from typing import Any, Optional
 
 from omegaconf import MISSING
 
+from .accum import Accumulator
+
 # formats and quantizer (torch) are imported where used: `qsim tables` reads the
 # schema's defaults (result identity) without loading torch.
 
@@ -62,6 +64,8 @@ class QuantConfig:
     attention: bool = False
     v_axis: str = "head_dim"  # attention V scaled per token along head_dim (causal), or along seq
     causal: bool = True  # false: allow scales that see later tokens or other samples (result says causal: false)
+    accum: str = "fp32"  # accumulator of quantized matmuls: fp32 | bf16 | fp16 (qsim/accum.py)
+    accum_chunk: Optional[int] = None  # with bf16/fp16: products per partial sum promoted to fp32; null: none
     skip: list[str] = field(default_factory=lambda: ["lm_head", "*embed*", "*project_in", "*project_out"])
     overrides: dict[str, Any] = field(default_factory=dict)
 
@@ -276,6 +280,10 @@ def validate(cfg) -> None:
     _choice("quant.rounding", cfg.quant.rounding, ROUNDINGS)
     _choice("quant.scale_rule", cfg.quant.scale_rule, SCALE_RULES)
     _choice("quant.v_axis", cfg.quant.v_axis, V_AXES)
+    try:
+        Accumulator(cfg.quant.accum, cfg.quant.accum_chunk)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     for pattern, override in (cfg.quant.overrides or {}).items():
         if not hasattr(override, "keys"):
             raise ConfigError(f"quant.overrides[{pattern!r}] must map weight/act/output to a format")

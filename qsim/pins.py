@@ -13,7 +13,7 @@ What is pinned:
   format (formats.NAMED) under each rounding mode, fast kernel and reference,
   on one seeded input with ties, subnormals, overflow and specials; the
   quantizer at each format family x granularity x scale dtype (and asymmetric,
-  static, two-level scales);
+  static, two-level scales); each matmul accumulator (qsim/accum.py);
 - approx (relative 1e-5, which BLAS differences between CPUs stay well inside):
   each method preset in conf/method/ (the folder is read, so a new preset is
   covered) run as run.py runs it (plan, surgery, calibration on 2 real PTB
@@ -187,6 +187,24 @@ def _eval_ids(tokenizer):
     return ids[: EVAL_WINDOWS * EVAL_SEQ_LEN]
 
 
+def accum_pins() -> dict[str, str]:
+    """Each matmul accumulator (qsim/accum.py) on one seeded product, bit for bit."""
+    import torch
+
+    from .accum import ACCUMULATORS, Accumulator, matmul
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(4, 3, 70, generator=gen) * 100
+    b = torch.randn(70, 5, generator=gen)
+    out = {}
+    for fmt in ACCUMULATORS:
+        if fmt == "fp32":  # torch's matmul: its last bits depend on the CPU's BLAS
+            continue
+        for chunk in (None, 1, 16, 70):
+            out[f"accum/{fmt}/chunk{chunk}"] = _digest(matmul(a, b, Accumulator(fmt, chunk)))
+    return out
+
+
 def method_pin(cfg, model_name: str) -> float:
     """Mean next-token NLL of the tiny model after the run's quantization and method stages."""
     import torch
@@ -220,7 +238,7 @@ def method_pins(presets: list[str] | None = None) -> dict[str, float]:
 def compute(presets: list[str] | None = None) -> dict:
     """Every pin as it comes out of the code now: {"exact": {...}, "approx": {...}}."""
     with _one_thread():
-        return {"exact": {**format_pins(), **quantizer_pins()}, "approx": method_pins(presets)}
+        return {"exact": {**format_pins(), **quantizer_pins(), **accum_pins()}, "approx": method_pins(presets)}
 
 
 # ---------------------------------------------------------------- compare and update

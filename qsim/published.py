@@ -188,6 +188,8 @@ def bench_block(path: Path) -> str:
         f"| fake-quantize {fk['numel'] / 2**20:g}M fp32 elements, in `x.clone()` times: INT4 / INT8 | {kernels(['int4', 'int8'])} |",
         f"| the same, E1M2 / E4M3 / E2M1 | {kernels(['e1m2', 'e4m3', 'e2m1'])} |",
         f"| the same, ABFP-64 INT4 / ABFP-64 E2M1 | {kernels(['abfp64-int4', 'abfp64-e2m1'])} |",
+        *([f"| the same, MXFP4 / MXFP8 E4M3 / NVFP4 (scales included) | {kernels(['mxfp4', 'mxfp8_e4m3', 'nvfp4'])} |"]
+          if "nvfp4" in fk else []),
         f"| speed-up over qtorch `float_quantize`, {' / '.join(n.upper() for n in qtorch)} "
         f"| {' / '.join(format(fk[n]['speedup_vs_qtorch'], '.1f') + 'x' for n in qtorch)} |",
         f"| SmolLM2 load: first (dequantizes the GGUF) / cached, plus Python imports "

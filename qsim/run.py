@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 
 from . import data
+from .accum import Accumulator
 from .config import ConfigError, validate
 from .methods import METHODS
 from .models import load_model, model_config, skeleton_layer_names
@@ -68,6 +69,7 @@ def build_plan(cfg) -> SurgeryPlan:
         skip=tuple(q.skip),
         overrides={k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for k, v in (q.overrides or {}).items()},
         v_axis=q.v_axis,
+        accum=Accumulator(q.accum, q.accum_chunk),
     )
     for step in cfg.method.steps:
         METHODS[step].configure(plan, cfg)
@@ -238,6 +240,7 @@ def run(cfg, out_dir: Path) -> dict:
             "act": _spec_dict(plan.default.act),
             "attention": _spec_dict(plan.attention) if report.attention_sites else None,
             "attention_v_axis": plan.v_axis if report.attention_sites else None,
+            "accumulator": {**plan.accum.describe(), "matmuls": report.accum_matmuls},
         },
         "methods": method_facts,
         "timings": {**timings, "total": round(time.time() - t_start, 3)},

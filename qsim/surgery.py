@@ -48,6 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import accum
+from .accum import Accumulator
 from .quantizer import QuantSpec, Quantizer, shared_scale_axes
 
 ATTN_IMPLEMENTATION = "qsim"
@@ -74,6 +76,7 @@ class SurgeryPlan:
     skip: tuple[str, ...] = ()
     overrides: dict[str, dict] = field(default_factory=dict)  # pattern -> {weight|act|output: format}
     v_axis: str = "head_dim"  # V's scaled axis for token/block scaling: head_dim (causal) or seq
+    accum: Accumulator = Accumulator()  # accumulation of every quantized matmul (linears, attention)
 
 
 @dataclass
@@ -83,6 +86,7 @@ class SurgeryReport:
     attention_sites: list[str]
     overrides: dict[str, list[str]]
     float_modules: dict[str, list[str]] = field(default_factory=dict)  # reason -> every module with a weight left float
+    accum_matmuls: dict[str, int] = field(default_factory=dict)  # linears / attention sites with the accumulator
 
 
 # ---------------------------------------------------------------- quantized layers
@@ -91,6 +95,7 @@ class _QuantMixin:
     """Shared by the quantized layer classes; `weight_axes` = (output axis, reduction axis)."""
 
     weight_axes = (0, 1)
+    accum: Accumulator | None = None  # a narrow matmul accumulator (linears and HF Conv1D only)
 
     def _attach(self, spec: LayerQuant, original: type) -> None:
         out_axis, red_axis = self.weight_axes
@@ -137,7 +142,7 @@ class QuantLinear(_QuantMixin, nn.Linear):
     weight_axes = (0, 1)
 
     def forward(self, x):
-        y = F.linear(self.quantize_input(x), self.quantized_weight(), self.bias)
+        y = accum.linear(self.quantize_input(x), self.quantized_weight(), self.bias, self.accum)
         return self.output_quantizer(y)
 
 
@@ -171,7 +176,10 @@ def _hf_conv1d_class():
         def forward(self, x):
             x = self.quantize_input(x)
             size_out = x.size()[:-1] + (self.nf,)
-            y = torch.addmm(self.bias, x.reshape(-1, x.size(-1)), self.quantized_weight()).view(size_out)
+            if self.accum is not None:
+                y = (accum.matmul(x.reshape(-1, x.size(-1)), self.quantized_weight(), self.accum) + self.bias).view(size_out)
+            else:
+                y = torch.addmm(self.bias, x.reshape(-1, x.size(-1)), self.quantized_weight()).view(size_out)
             return self.output_quantizer(y)
 
     return Conv1D, QuantHFConv1D
@@ -228,6 +236,10 @@ _SUBCLASS_QUANT: dict[type, type] = {}  # a subclass that keeps its base's forwa
 def _quantizable_base(cls: type) -> type | None:
     """The class in QUANT_CLASSES that `cls` derives from (isinstance matching), if any."""
     return next((base for base in cls.__mro__ if base in QUANT_CLASSES), None)
+
+
+# The layers whose matmul qsim/accum.py simulates (convolutions and nn.MultiheadAttention are refused).
+ACCUM_CLASSES = tuple(c for c in (QuantLinear, QuantHFConv1D) if c is not None)
 
 
 def quant_class(cls: type) -> type | None:
@@ -292,6 +304,7 @@ class AttentionQuantizers(nn.Module):
         specs = attention_specs(spec, v_axis)
         self.q, self.k, self.v, self.p = (Quantizer(specs[op]) for op in "qkvp")
         self.qk_transform = None  # applied to Q and K (after RoPE) before their quantizers (methods/rotate.py)
+        self.accum: Accumulator | None = None  # QK^T and PV accumulation (qsim/accum.py)
         self.calls = 0
 
 
@@ -346,7 +359,8 @@ def qsim_attention(module, query, key, value, attention_mask, scaling=None, drop
         query, key, value = aq.q(query), aq.k(key), aq.v(value)
     groups = query.shape[1] // key.shape[1]
     key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    acc = aq.accum if aq is not None else None
+    scores = accum.matmul(query, key.transpose(2, 3), acc) * scaling
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     if position_bias is not None:
@@ -363,7 +377,7 @@ def qsim_attention(module, query, key, value, attention_mask, scaling=None, drop
     probs = F.dropout(probs, p=dropout, training=module.training)
     if aq is not None:
         probs = aq.p(probs)
-    out = torch.matmul(probs, value).transpose(1, 2).contiguous()
+    out = accum.matmul(probs, value, acc).transpose(1, 2).contiguous()
     return out, probs
 
 
@@ -590,6 +604,12 @@ def quantize_model(model: nn.Module, plan: SurgeryPlan) -> SurgeryReport:
         module.__class__ = quant_class(cls)
         module._attach(spec, cls)
         report.layers.append(name)
+        if not plan.accum.is_fp32:
+            if not isinstance(module, ACCUM_CLASSES):
+                raise SurgeryError(f"quant.accum={plan.accum.format} is simulated for linear and attention matmuls; "
+                                   f"{name!r} is a {cls.__name__} (skip it with quant.skip, or use quant.accum=fp32)")
+            module.accum = plan.accum
+            report.accum_matmuls["linears"] = report.accum_matmuls.get("linears", 0) + 1
     _disable_fused_paths(model)
     if plan.attention is not None and not plan.attention.is_identity:
         mha = [n for n, m in model.named_modules() if isinstance(m, QuantMultiheadAttention)]
@@ -604,6 +624,9 @@ def quantize_model(model: nn.Module, plan: SurgeryPlan) -> SurgeryReport:
             if _dispatches_attention(module) and not _matches(name, plan.skip):
                 module.qsim_attn = AttentionQuantizers(plan.attention, plan.v_axis)
                 report.attention_sites.append(name)
+                if not plan.accum.is_fp32:
+                    module.qsim_attn.accum = plan.accum
+                    report.accum_matmuls["attention_sites"] = report.accum_matmuls.get("attention_sites", 0) + 1
         if not report.attention_sites:
             raise SurgeryError(
                 f"attention quantization was asked for but 0 attention sites were instrumented in "

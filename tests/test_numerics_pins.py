@@ -20,7 +20,7 @@ def pinned():
 @pytest.fixture(scope="module")
 def exact_now():
     with pins._one_thread():
-        return {**pins.format_pins(), **pins.quantizer_pins()}
+        return {**pins.format_pins(), **pins.quantizer_pins(), **pins.accum_pins()}
 
 
 def test_the_pin_file_is_for_this_numerics_version(pinned):
