@@ -4,7 +4,7 @@ export QSIM_DATA_DIR ?= $(abspath ../shared/data)
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: install test formats run bench published readme
+.PHONY: install test formats run bench published readme formats2026 formats2026-offline
 
 install:
 	# torch first, pinned to the CPU wheel on disk, so nothing pulls a CUDA build
@@ -42,6 +42,10 @@ readme:
 .PHONY: tables
 tables:
 	qsim tables
+
+# Today's formats on SmolLM2 (issue 11's study; offline): renders results/tables/formats2026.md and .png.
+formats2026 formats2026-offline:
+	qsim run -m +experiment=formats2026 $(ARGS); status=$$?; qsim tables; exit $$status
 
 table% figure%:
 	qsim run -m +experiment=$@ $(ARGS); status=$$?; qsim tables; exit $$status

@@ -144,6 +144,21 @@ def ppl_table(manifest: dict[str, Entry], ids: list[str], title: str) -> str:
     return "\n" + "\n".join(lines) + "\n"
 
 
+def formats2026_block(manifest: dict[str, Entry]) -> str:
+    """The formats2026 study from its published points (matched on identity, as `qsim tables` does)."""
+    from .studies import markdown, match, study_points
+
+    by_path = {}
+    for e in manifest.values():
+        if e.path.exists():
+            by_path[e.id] = load_published(e)
+    found = match(study_points("formats2026"), list(by_path.values()))
+    entry_of = {id(r): manifest[i] for i, r in by_path.items()}
+    table = markdown("formats2026", found, link=lambda p, r: _link(entry_of[id(r)], f"{r['value']:.2f}"))
+    commits = _commits(list(found.values())) if found else "-"
+    return f"\n{table}\n\nEach row: `qsim run +experiment/f2026=<point>`; measured at commit {commits}.\n"
+
+
 def published_cost(manifest: dict[str, Entry]) -> str:
     results = [load_published(e) for e in manifest.values()]
     minutes = sum(r["timings"]["total"] for r in results) / 60
@@ -224,6 +239,7 @@ def render_blocks(manifest: dict[str, Entry] | None = None, bench: Path | None =
                              "SmolLM2-135M, WikiText-2 test, seq_len 512"),
         "smollm2-abfp": ppl_table(manifest, ABFP_ROWS, "ABFP on SmolLM2 (causal attention scales), WikiText-2 test, seq_len 512"),
         "rotation": ppl_table(manifest, ROTATION_ROWS, "rotation and LoRC on SmolLM2, WikiText-2 test, seq_len 512"),
+        "formats2026": formats2026_block(manifest),
         "published-cost": published_cost(manifest),
         "bench": bench_block(newest_bench() if bench is None else bench),
     }

@@ -562,6 +562,11 @@ def build_all(results_root: Path, out_dir: Path) -> list[str] | None:
         md, line = render_figure(figure, paper, indexed, out_dir, results_root)
         index += [md, ""]
         lines.append(line)
+    from .studies import render_studies
+
+    for line in render_studies(results, out_dir):
+        lines.append(line)
+        index += [(out_dir / (line.split()[0] + ".md")).read_text(), ""]
     write_text_atomic(out_dir / "index.md", "\n".join(index))
     lines.append(f"all tables and figures -> {out_dir / 'index.md'}")
     return lines
