@@ -8,8 +8,6 @@ from typing import Any, Optional
 
 from omegaconf import MISSING
 
-from .accum import Accumulator
-
 # formats and quantizer (torch) are imported where used: `qsim tables` reads the
 # schema's defaults (result identity) without loading torch.
 
@@ -280,6 +278,8 @@ def validate(cfg) -> None:
     _choice("quant.rounding", cfg.quant.rounding, ROUNDINGS)
     _choice("quant.scale_rule", cfg.quant.scale_rule, SCALE_RULES)
     _choice("quant.v_axis", cfg.quant.v_axis, V_AXES)
+    from .accum import Accumulator  # torch: not at import (qsim tables never loads it)
+
     try:
         Accumulator(cfg.quant.accum, cfg.quant.accum_chunk)
     except ValueError as err:

@@ -566,7 +566,9 @@ def build_all(results_root: Path, out_dir: Path) -> list[str] | None:
 
     for line in render_studies(results, out_dir):
         lines.append(line)
-        index += [(out_dir / (line.split()[0] + ".md")).read_text(), ""]
+        study_md = out_dir / (line.split()[0] + ".md")
+        if study_md.exists():
+            index += [study_md.read_text(), ""]
     write_text_atomic(out_dir / "index.md", "\n".join(index))
     lines.append(f"all tables and figures -> {out_dir / 'index.md'}")
     return lines
