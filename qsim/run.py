@@ -102,7 +102,7 @@ def preflight(cfg, evaluates: bool = True) -> SurgeryPlan:
     return plan
 
 
-def check_positions(cfg, max_positions: int | None, evaluates: bool = True) -> None:
+def check_positions(cfg, max_positions: int | None, evaluates: bool = True, model_name: str | None = None) -> None:
     """Every window the command feeds the model fits its position table (a longer one would
     index past it, or silently extrapolate)."""
     if max_positions is None:
@@ -115,7 +115,7 @@ def check_positions(cfg, max_positions: int | None, evaluates: bool = True) -> N
         lengths["qat.seq_len"] = cfg.qat.seq_len
     for key, length in lengths.items():
         if length > max_positions:
-            raise ConfigError(f"{key}={length} is longer than model {cfg.model.name!r} has positions "
+            raise ConfigError(f"{key}={length} is longer than model {model_name or cfg.model.name!r} has positions "
                               f"({max_positions}); set {key}<={max_positions}")
 
 
@@ -138,13 +138,12 @@ def run_identity(cfg) -> dict:
     return identity_fields(OmegaConf.to_container(cfg, resolve=True), data_read(cfg))
 
 
-def calibrate(model, tokenizer, cfg, progress: Progress | None = None) -> dict:
+def calibrate(model, tokenizer, cfg, progress: Progress | None = None, calib: torch.Tensor | None = None) -> dict:
     """Each method stage in order on the quantized model, with calibration windows if one needs
-    them; returns each stage's facts."""
+    them (`calib`, or cfg.calib's read with the tokenizer); returns each stage's facts."""
     method_facts = {}
     steps = [METHODS[s] for s in cfg.method.steps]
-    calib = None
-    if any(m.needs_calibration for m in steps):
+    if calib is None and any(m.needs_calibration for m in steps):
         c = cfg.calib
         calib = data.calibration_windows(tokenizer, c.dataset, c.split, c.n_samples, c.seq_len, c.seed)
     for m in steps:
