@@ -28,6 +28,11 @@ RESULT_FILE = "result.json"
 # non-causal plan, whose result records causal: false itself).
 NON_SEMANTIC = {("progress",), ("model", "device_map"), ("quant", "causal")}
 
+# Keys added to the schema after results existed, with the value that reproduces what ran before
+# them. At that value a key is left out of the identity, so adding an option does not make every
+# earlier result stale; any other value is part of it like every key.
+ADDED_KEYS = {("quant", "accum"): "fp32", ("quant", "accum_chunk"): None}
+
 # What result.json records about its identity (see `identity_fields`).
 IDENTITY_FIELDS = ("identity", "config_hash", "config_changes", "data", "numerics_version")
 
@@ -82,10 +87,11 @@ def _drop_defaults(values, defaults, path=()):
 
 
 def _semantic(values, path=()):
-    """The resolved config without the NON_SEMANTIC keys."""
+    """The resolved config without the NON_SEMANTIC keys and the ADDED_KEYS at their old behaviour."""
     if not isinstance(values, dict):
         return values
-    return {k: _semantic(v, path + (k,)) for k, v in values.items() if path + (k,) not in NON_SEMANTIC}
+    return {k: _semantic(v, path + (k,)) for k, v in values.items() if path + (k,) not in NON_SEMANTIC
+            and not (path + (k,) in ADDED_KEYS and v == ADDED_KEYS[path + (k,)])}
 
 
 def _sha(payload) -> str:
@@ -260,3 +266,32 @@ def load_results(root: Path) -> list[dict]:
         item["_path"] = str(path)
         out.append(item)
     return out
+
+
+def load(root: Path | str = "results"):
+    """Every result under `root` (result.json files, and results/published/<id>.json) as a pandas
+    DataFrame, one row per run: task, metric, value, model, formats, method, windows, freshness
+    (`stale`: results.stale_reason's kind or None), the result's path, and every resolved config
+    value as a flat `config.<key>` column."""
+    import pandas as pd
+
+    rows = []
+    root = Path(root)
+    published = [p for p in root.rglob("*.json") if p.parent.name == "published" and p.name != RESULT_FILE]
+    paths = sorted(root.rglob(RESULT_FILE)) + sorted(published)
+    for path in paths:
+        try:
+            r = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if "value" not in r or "config" not in r:
+            continue
+        reason = stale_reason(r)
+        row = {"path": str(path), "task": r.get("task"), "metric": r.get("metric"), "value": r["value"],
+               "model": r.get("model"), "weight": r.get("formats", {}).get("weight"), "act": r.get("formats", {}).get("act"),
+               "method": r.get("method"), "windows": r.get("eval", {}).get("windows"), "causal": r.get("causal", True),
+               "numerics_version": r.get("numerics_version"), "stale": reason[0] if reason else None,
+               "finished_at": r.get("finished_at")}
+        row.update({f"config.{k}": v for k, v in _leaves(r["config"])})
+        rows.append(row)
+    return pd.DataFrame(rows)

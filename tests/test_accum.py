@@ -164,3 +164,20 @@ def test_fast_rounding_of_partial_sums_equals_the_reference(fmt):
     x = torch.cat([spread, ties, edges])
     fast, ref = round_float64(x, grid), round_float64_reference(x, grid).float()
     assert torch.equal(fast.view(torch.int32), ref.view(torch.int32))  # signed zeros and infs included
+
+
+def test_results_made_before_the_accumulator_existed_stay_fresh_and_other_accumulators_differ():
+    import json
+
+    from omegaconf import OmegaConf
+
+    from qsim.results import REPO_ROOT, identity, stale_reason
+
+    before = json.loads((REPO_ROOT / "results" / "published" / "smollm2-fp32.json").read_text())
+    assert "accum" not in before["config"]["quant"] and stale_reason(before) is None
+    ids = {}
+    for setting in (["quant.accum=fp32"], ["quant.accum=bf16", "quant.accum_chunk=128"], ["quant.accum=bf16"]):
+        resolved = OmegaConf.to_container(compose_config(setting), resolve=True)
+        ids[tuple(setting)] = identity(resolved, before["data"])
+    assert ids[("quant.accum=fp32",)] == identity({**before["config"], "progress": True}, before["data"])
+    assert len(set(ids.values())) == 3

@@ -52,3 +52,17 @@ def test_tables_render_the_study_as_markdown_csv_and_figure(published_points, tm
     assert float(fp32["ppl"]) == pytest.approx(29.187861418003664, rel=1e-4)
     assert (tmp_path / "formats2026.png").stat().st_size > 20_000
     assert "| `mxfp4` | mxfp4 | mxfp4 | none | fp32 | 4.25 / 4.25 | 40 |" in (tmp_path / "formats2026.md").read_text()
+
+
+def test_results_load_gives_one_row_per_published_run_with_flat_knobs():
+    from qsim.results import REPO_ROOT, load
+
+    frame = load(REPO_ROOT / "results" / "published")
+    manifest = load_manifest()
+    done = [e for e in manifest.values() if e.path.exists()]
+    assert len(frame) == len(done)
+    fp32 = frame[frame["path"].str.endswith("/smollm2-fp32.json")].iloc[0]
+    assert fp32["value"] == pytest.approx(29.187861418003664, rel=1e-9) and fp32["stale"] is None
+    assert fp32["config.task.seq_len"] == 512 and fp32["config.format.weight"] == "fp32"
+    mx = frame[frame["config.format.weight"] == "mxfp4"]
+    assert list(mx["weight"]) == ["mxfp4"] and list(mx["windows"]) == [40]
