@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     name: str = MISSING
-    source: str = "gguf"  # gguf | hub | tiny-opt
+    source: str = "gguf"  # gguf | hub | tiny-opt | sbert (a sentence-embedding encoder)
     hf_id: str = ""
     checkpoint: str = "base"  # base | paper
     paper_hf_id: str = ""
@@ -180,6 +180,7 @@ class TaskConfig:
     seq_len: int = 512
     max_windows: Optional[int] = 40
     batch_size: int = 1
+    max_samples: Optional[int] = None  # tasks scored per sample (stsb): how many; null = all
 
 
 @dataclass
@@ -215,7 +216,7 @@ class RunConfig:
 
 
 PROTOCOLS = ("gptq", "paper")
-MODEL_SOURCES = ("gguf", "hub", "tiny-opt")
+MODEL_SOURCES = ("gguf", "hub", "tiny-opt", "sbert")
 DTYPES = ("float32", "bfloat16", "float16")
 
 

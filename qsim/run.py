@@ -210,6 +210,7 @@ def run(cfg, out_dir: Path) -> dict:
     result = {
         "task": cfg.task.name,
         "metric": task.metric,
+        "higher_is_better": task.higher_is_better,
         "value": out["value"],
         "model": cfg.model.name,
         "model_source": lm.source,
@@ -273,7 +274,10 @@ def print_summary(result: dict, out_dir: Path) -> None:
         ("quantized", f"{q['layers']} layers, {q['attention_sites']} attention sites, skipped {len(q['skipped'])}"),
         ("left float", "; ".join(f"{reason}: {f['count']}" for reason, f in q["float_modules"].items()) or "nothing"),
         ("task", f"{result['task']} ({result['protocol']}, seq_len {result['seq_len']}, "
-                 f"{result['eval']['windows']}/{result['eval']['windows_available']} windows, {result['tokens_evaluated']} tokens)"),
+                 f"{result['eval']['windows']}/{result['eval']['windows_available']} windows, {result['tokens_evaluated']} tokens)"
+                 if "windows" in result["eval"] else
+                 f"{result['task']} ({result['eval']['split']}, {result['eval']['samples']}/{result['eval']['samples_available']} "
+                 f"samples, {result['tokens_evaluated']} tokens)"),
         (result["metric"], f"[bold]{result['value']:.4f}"),
         ("time", ", ".join(f"{k} {v:.1f}s" for k, v in result["timings"].items())),
         ("result", str(out_dir / RESULT_FILE)),

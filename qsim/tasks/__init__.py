@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import data
+from .. import data
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,7 @@ class Task:
     check: Callable
     evaluate: Callable
     reads: Callable  # cfg -> [(dataset, split)] evaluate reads (after any fallback): part of the result's identity
+    higher_is_better: bool = False
 
 
 TASKS: dict[str, Task] = {}
@@ -92,3 +93,5 @@ def _evaluate_wikitext2(lm, cfg, progress=None) -> dict:
 
 TASKS["wikitext2"] = Task("wikitext2", "ppl", _check_wikitext2, _evaluate_wikitext2,
                           reads=lambda cfg: [("wikitext2", _wikitext_split(cfg))])
+
+from . import stsb  # noqa: E402,F401  (registers; one file per task)
