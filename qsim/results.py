@@ -255,10 +255,11 @@ def versions() -> dict:
     }
 
 
-def load_results(root: Path) -> list[dict]:
-    """Every complete result.json under root (partial files cannot exist: writes are atomic)."""
+def load_results(root: Path, pattern: str = RESULT_FILE) -> list[dict]:
+    """Every complete result file under root matching `pattern` (partial files cannot exist:
+    writes are atomic), each with its path as `_path`."""
     out = []
-    for path in sorted(Path(root).rglob(RESULT_FILE)):
+    for path in sorted(Path(root).rglob(pattern)):
         try:
             item = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
@@ -276,18 +277,13 @@ def load(root: Path | str = "results"):
     import pandas as pd
 
     rows = []
-    root = Path(root)
-    published = [p for p in root.rglob("*.json") if p.parent.name == "published" and p.name != RESULT_FILE]
-    paths = sorted(root.rglob(RESULT_FILE)) + sorted(published)
-    for path in paths:
-        try:
-            r = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
+    published = [r for r in load_results(root, "*.json")
+                 if Path(r["_path"]).parent.name == "published" and Path(r["_path"]).name != RESULT_FILE]
+    for r in load_results(root) + published:
         if "value" not in r or "config" not in r:
             continue
         reason = stale_reason(r)
-        row = {"path": str(path), "task": r.get("task"), "metric": r.get("metric"), "value": r["value"],
+        row = {"path": r["_path"], "task": r.get("task"), "metric": r.get("metric"), "value": r["value"],
                "model": r.get("model"), "weight": r.get("formats", {}).get("weight"), "act": r.get("formats", {}).get("act"),
                "method": r.get("method"), "windows": r.get("eval", {}).get("windows"), "causal": r.get("causal", True),
                "numerics_version": r.get("numerics_version"), "stale": reason[0] if reason else None,
