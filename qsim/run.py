@@ -16,7 +16,7 @@ from . import data
 from .accum import Accumulator
 from .config import ConfigError, validate
 from .methods import METHODS
-from .models import load_model, model_config, skeleton_layer_names
+from .models import family_of, load_model, model_config, skeleton_layer_names
 from .quantizer import QuantSpec
 from .results import RESULT_FILE, identity_fields, versions, write_json_atomic
 from .surgery import (LayerQuant, SurgeryError, SurgeryPlan, check_patterns, compact_names, freeze_quantized_weights,
@@ -80,8 +80,12 @@ def preflight(cfg, evaluates: bool = True) -> SurgeryPlan:
     """Every check that needs no weights: names, ranges, data on disk, override patterns.
     evaluates=False: the command reads calibration windows only (qsim sensitivity), not the task's."""
     validate(cfg)
+    calibrates = any(METHODS[s].needs_calibration for s in cfg.method.steps)
+    if calibrates and family_of(cfg.model) == "image-classifier":
+        raise ConfigError(f"method {cfg.method.name!r} calibrates on text windows; image classifiers have no "
+                          "calibration batches yet: use a method without calibration (rtn, abfp, none)")
     TASKS[cfg.task.name].check(cfg)
-    if any(METHODS[s].needs_calibration for s in cfg.method.steps):
+    if calibrates:
         try:
             data.check_available(cfg.calib.dataset, cfg.calib.split)
         except data.DataError as err:
@@ -96,7 +100,7 @@ def preflight(cfg, evaluates: bool = True) -> SurgeryPlan:
         check_positions(cfg, getattr(config, "max_position_embeddings", None), evaluates)
         if plan.overrides:
             try:
-                check_patterns(skeleton_layer_names(config), plan)
+                check_patterns(skeleton_layer_names(config, family_of(cfg.model)), plan)
             except SurgeryError as err:
                 raise ConfigError(str(err)) from None
     return plan
@@ -214,6 +218,7 @@ def run(cfg, out_dir: Path) -> dict:
         "value": out["value"],
         "model": cfg.model.name,
         "model_source": lm.source,
+        "model_family": lm.family,
         "checkpoint": cfg.model.checkpoint,
         "formats": {"weight": cfg.format.weight, "act": cfg.format.act, "attn": cfg.format.attn or cfg.format.act,
                     "output": cfg.format.output, "preset": cfg.format.name},

@@ -20,6 +20,7 @@ class Task:
     evaluate: Callable
     reads: Callable  # cfg -> [(dataset, split)] evaluate reads (after any fallback): part of the result's identity
     higher_is_better: bool = False
+    families: tuple = ("causal-lm", "code-lm")  # the model families (models.FAMILIES) it can score
 
 
 TASKS: dict[str, Task] = {}
@@ -82,6 +83,31 @@ def perplexity(model, ids: torch.Tensor, seq_len: int, max_windows: int | None, 
     }
 
 
+@torch.no_grad()
+def greedy_generate(model, tokenizer, prompt: str, max_new_tokens: int, stop: tuple[str, ...] = ()) -> tuple[str, int, int]:
+    """Greedy continuation of prompt through the KV cache (each step feeds one token; attention
+    runs through qsim's function with the cache's keys and values), ended by the EOS token, by
+    max_new_tokens, or by the first of `stop` (cut off). Returns (text, prompt tokens, new tokens)."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([tokenizer(prompt)["input_ids"]], device=device)
+    eos = {t for t in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)) if t is not None}
+    eos = {e for t in eos for e in (t if isinstance(t, list) else [t])}
+    out = model(input_ids=ids, use_cache=True)
+    new: list[int] = []
+    text = ""
+    for _ in range(max_new_tokens):
+        token = int(out.logits[0, -1].argmax())
+        if token in eos:
+            break
+        new.append(token)
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        if any(s in text for s in stop):
+            break
+        out = model(input_ids=torch.tensor([[token]], device=device), cache=out.cache, use_cache=True)
+    cut = min([text.index(s) for s in stop if s in text], default=len(text))
+    return text[:cut], ids.shape[1], len(new)
+
+
 def _evaluate_wikitext2(lm, cfg, progress=None) -> dict:
     split = _wikitext_split(cfg)
     rows = data.load_rows("wikitext2", split)
@@ -94,4 +120,4 @@ def _evaluate_wikitext2(lm, cfg, progress=None) -> dict:
 TASKS["wikitext2"] = Task("wikitext2", "ppl", _check_wikitext2, _evaluate_wikitext2,
                           reads=lambda cfg: [("wikitext2", _wikitext_split(cfg))])
 
-from . import stsb  # noqa: E402,F401  (registers; one file per task)
+from . import humaneval, imagenet, squad, sst2, stsb  # noqa: E402,F401  (registers; one file per task)

@@ -58,4 +58,4 @@ def _evaluate(lm, cfg, progress=None) -> dict:
 
 
 TASKS["stsb"] = Task("stsb", "spearman", _check, _evaluate, reads=lambda cfg: [("stsb", cfg.task.split)],
-                     higher_is_better=True)
+                     higher_is_better=True, families=("sentence-encoder", "causal-lm"))

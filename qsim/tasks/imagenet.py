@@ -1,0 +1,42 @@
+"""ImageNet-1k validation (50,000 images): top-1 accuracy (higher is better), for image classifiers.
+
+Online the images come from the hub (`ILSVRC/imagenet-1k`, gated: accept its terms and log
+in). Offline, QSIM_DATA_DIR/imagenet/val is an image folder: one sub-folder per class, sorted
+names giving class indices 0, 1, ... (ImageNet's wnids sorted, as the hub's labels are).
+Each image goes through the checkpoint's image processor (resize, crop, normalise)."""
+from __future__ import annotations
+
+import torch
+
+from .. import data
+from . import TASKS, Task
+
+
+def _check(cfg) -> None:
+    data.check_available("imagenet", cfg.task.split)
+
+
+def _evaluate(lm, cfg, progress=None) -> dict:
+    from PIL import Image
+
+    rows = data.load_records("imagenet", cfg.task.split)
+    chosen = rows if cfg.task.max_samples is None else rows[:cfg.task.max_samples]
+    if progress is not None:
+        progress.start(len(chosen))
+    device = next(lm.model.parameters()).device
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(chosen), cfg.task.batch_size):
+            batch = chosen[start:start + cfg.task.batch_size]
+            images = [(Image.open(r["image"]) if isinstance(r["image"], str) else r["image"]).convert("RGB") for r in batch]
+            pixels = lm.tokenizer(images=images, return_tensors="pt")["pixel_values"].to(device)
+            predicted = lm.model(pixel_values=pixels).logits.argmax(-1).tolist()
+            correct += sum(int(p == int(r["label"])) for p, r in zip(predicted, batch))
+            if progress is not None:
+                progress.advance(len(batch), f"top-1 {correct / (start + len(batch)):.3f}")
+    return {"value": correct / len(chosen), "correct": correct, "samples": len(chosen), "samples_available": len(rows),
+            "split": cfg.task.split, "tokens_evaluated": None}
+
+
+TASKS["imagenet"] = Task("imagenet", "top1", _check, _evaluate, reads=lambda cfg: [("imagenet", cfg.task.split)],
+                         higher_is_better=True, families=("image-classifier",))
