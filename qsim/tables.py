@@ -74,8 +74,17 @@ FORMAT_LABELS = {("fp32", "fp32"): "FP32", ("int4", "int4"): "W4A4", ("int4", "i
                  ("int4", "fp16"): "W4A16", ("int8", "int8"): "W8A8"}
 METHOD_LABELS = {"none": "", "mse": "MSE", "abfp": "ABFP", "abfp-qat": "ABFP-QAT", "abfp-sq": "ABFP-SQ",
                  "gptq": "GPTQ", "rptq": "RPTQ"}
-# How the paper evaluated its rows (conf/experiment/row/opt-*.yaml run exactly this).
+# How the paper evaluated its perplexity rows (conf/experiment/row/opt-*.yaml run exactly this).
 PAPER_EVAL = {"checkpoint": "paper", "protocol": "paper", "split": "validation", "windows": None, "variant": ()}
+# The paper's other metrics: the task qsim scores them with (its whole split, the hub checkpoint
+# of Table XI). Rows of these tasks match on model, task and extent; seq_len and the
+# tokenization protocol are not theirs (they are settings, a variant when they differ).
+METRIC_TASKS = {"ppl": "wikitext2", "f1": "squad", "pass@1": "humaneval", "accuracy": "imagenet", "miou": "ade20k"}
+TASK_SPLITS = {"squad": "validation", "humaneval": "test", "imagenet": "validation", "sst2": "validation",
+               "stsb": "validation", "ade20k": "validation"}
+TASK_METRICS = {"wikitext2": "ppl", "squad": "F1", "humaneval": "pass@1", "imagenet": "top-1", "sst2": "accuracy",
+                "stsb": "Spearman", "ade20k": "mIoU"}
+PERPLEXITY_TASKS = ("wikitext2",)
 # Footnotes a table always carries.
 TABLE_NOTES = {
     "VIII": "All columns quantize the same operands: every linear's weights and inputs and the attention "
@@ -110,12 +119,14 @@ class Row:
     seq_len: int | None
     protocol: str
     split: str
-    windows: int | None  # None: the whole split
+    windows: int | None  # how much was evaluated (windows, or samples for other tasks); None: the whole split
     task: str = "wikitext2"
     variant: tuple[str, ...] = ()  # "key=value" where the result differs from its cell's definition
 
     @property
     def is_paper_eval(self) -> bool:
+        if self.task not in PERPLEXITY_TASKS:
+            return (self.checkpoint, self.split, self.windows, self.variant) == ("base", TASK_SPLITS.get(self.task), None, ())
         return all(getattr(self, k) == v for k, v in PAPER_EVAL.items())
 
     @property
@@ -124,8 +135,12 @@ class Row:
         text = f"{name} ({self.seq_len})" if self.seq_len else name
         if self.is_paper_eval:
             return text
-        extent = "all windows" if not self.windows else f"{self.windows} window{'s' * (self.windows != 1)}"
-        notes = ([] if self.task == "wikitext2" else [self.task]) + [self.split, extent, f"{self.protocol} protocol"]
+        unit = "window" if self.task in PERPLEXITY_TASKS else "sample"
+        extent = f"all {unit}s" if not self.windows else f"{self.windows} {unit}{'s' * (self.windows != 1)}"
+        if self.task in PERPLEXITY_TASKS:
+            notes = ([] if self.task == "wikitext2" else [self.task]) + [self.split, extent, f"{self.protocol} protocol"]
+        else:
+            notes = [f"{self.task} {TASK_METRICS.get(self.task, '')}".strip(), self.split, extent]
         if self.checkpoint != "paper" and self.model.startswith("opt-"):
             notes.append(f"{self.checkpoint} checkpoint")
         return f"{text} [{', '.join(notes + list(self.variant))}]"
@@ -136,9 +151,12 @@ class Row:
 
 
 def paper_row(model: str, seq_len: int | None, metric: str = "ppl") -> Row:
-    # The paper's perplexities are WikiText-2; its other metrics are tasks qsim does not run.
-    return Row(model, PAPER_EVAL["checkpoint"], seq_len, PAPER_EVAL["protocol"], PAPER_EVAL["split"], None,
-               task="wikitext2" if metric == "ppl" else metric)
+    """The paper's perplexities are WikiText-2 (its own evaluation); its other metrics are
+    tasks (METRIC_TASKS) on their whole split with the hub checkpoint."""
+    task = METRIC_TASKS.get(metric, metric)
+    if task in PERPLEXITY_TASKS:
+        return Row(model, PAPER_EVAL["checkpoint"], seq_len, PAPER_EVAL["protocol"], PAPER_EVAL["split"], None, task=task)
+    return Row(model, "base", None, "-", TASK_SPLITS.get(task, "validation"), None, task=task)
 
 
 @dataclass
@@ -165,7 +183,8 @@ def load_paper(path: Path = PAPER_CSV) -> list[PaperCell]:
 
 # ------------------------------------------------------------ what defines a cell
 
-ROW_KEYS = {"model.name", "model.checkpoint", "task.name", "task.protocol", "task.split", "task.seq_len", "task.max_windows"}
+ROW_KEYS = {"model.name", "model.checkpoint", "task.name", "task.protocol", "task.split", "task.seq_len", "task.max_windows",
+            "task.max_samples"}
 COLUMN_KEYS = {"format.weight", "format.act", "method.steps"}  # and abfp.n when abfp is a step
 PRESET_NAMES = {"format.name", "method.name"}  # a preset is its values
 STAGE_SECTIONS = ("abfp", "mse", "smoothquant", "gptq", "rptq", "qat")  # settings that matter only when the stage runs
@@ -203,7 +222,7 @@ def _overrides(doc: dict) -> dict:
 def _presets() -> dict[str, dict[str, dict]]:
     """group -> option -> its flat settings (with the group prefix), for model, format, method."""
     out = {}
-    for group in ("model", "format", "method"):
+    for group in ("model", "format", "method", "task"):
         out[group] = {}
         for path in sorted((CONF / group).glob("*.yaml")):
             doc = _load_yaml(path)
@@ -227,9 +246,10 @@ def _experiment_parts() -> tuple[list[tuple[str, dict]], dict["Column", dict]]:
     rows = []
     for path in sorted((CONF / "experiment" / "row").glob("*.yaml")):
         doc = _load_yaml(path)
-        model = _overrides(doc).get("model")
+        picks = _overrides(doc)
         doc.pop("defaults", None)
-        rows.append((model, _flat(doc)))
+        task = presets["task"].get(picks.get("task", "wikitext2"), {}).get("task.name")  # the row's task picks its row
+        rows.append((picks.get("model"), {"task.name": task, **_flat(doc)}))
     cols = {}
     for path in sorted((CONF / "experiment" / "col").glob("*.yaml")):
         doc = _load_yaml(path)
@@ -257,6 +277,7 @@ def cell_standard(config: dict, column: "Column") -> dict:
     flat = _flat(config)
     standard = dict(_schema_flat())
     standard.update(next((p for p in _presets()["model"].values() if p.get("model.name") == flat.get("model.name")), {}))
+    standard.update(next((p for p in _presets()["task"].values() if p.get("task.name") == flat.get("task.name")), {}))
     rows, cols = _experiment_parts()
     mine = [settings for model, settings in rows if model == flat.get("model.name")]
     same_task = [s for s in mine if all(flat.get(k) == v for k, v in s.items() if k.startswith("task."))]
@@ -292,6 +313,8 @@ def variant(config: dict, column: "Column", calibrated: bool, causal: bool = Tru
     standard = cell_standard(config, column)
     steps = list(flat.get("method.steps") or [])
     skip = ROW_KEYS | COLUMN_KEYS | PRESET_NAMES | {".".join(k) for k in NON_SEMANTIC}
+    if flat.get("task.name") not in PERPLEXITY_TASKS:  # not in a task row: a setting like any other
+        skip = skip - {"task.seq_len"}
     for side in (flat, standard):  # attention operands in the activation format unless said otherwise
         if side.get("format.attn") in (None, flat.get("format.act")):
             side["format.attn"] = None
@@ -309,8 +332,10 @@ def _column(config: dict) -> Column:
 
 def _row(config: dict, split: str, windows: int | None, column: Column, calibrated: bool, causal: bool) -> Row:
     m, t = config["model"], config["task"]
-    return Row(m["name"], m["checkpoint"], t["seq_len"], t["protocol"], split, windows, t["name"],
-               variant(config, column, calibrated, causal))
+    if t["name"] in PERPLEXITY_TASKS:
+        return Row(m["name"], m["checkpoint"], t["seq_len"], t["protocol"], split, windows, t["name"],
+                   variant(config, column, calibrated, causal))
+    return Row(m["name"], m["checkpoint"], None, "-", split, windows, t["name"], variant(config, column, calibrated, causal))
 
 
 def planned_cell(config: dict, calibrated: bool) -> tuple[Row, Column]:
@@ -318,7 +343,8 @@ def planned_cell(config: dict, calibrated: bool) -> tuple[Row, Column]:
     (every window up to task.max_windows, the configured split)."""
     col = _column(config)
     t = config["task"]
-    return _row(config, t["split"], t["max_windows"], col, calibrated, True), col
+    extent = t["max_windows"] if t["name"] in PERPLEXITY_TASKS else t.get("max_samples")
+    return _row(config, t["split"], extent, col, calibrated, True), col
 
 
 def result_cell(result: dict) -> tuple[Row, Column] | None:
@@ -327,9 +353,10 @@ def result_cell(result: dict) -> tuple[Row, Column] | None:
     try:
         config = result["config"]
         col = _column(config)
-        full = ev["windows"] >= ev["windows_available"]
+        unit = "windows" if "windows" in ev else "samples"
+        full = ev[unit] >= ev[f"{unit}_available"]
         split = ev.get("split") or config["task"]["split"]
-        row = _row(config, split, None if full else int(ev["windows"]), col, "calib" in (result.get("data") or {}),
+        row = _row(config, split, None if full else int(ev[unit]), col, "calib" in (result.get("data") or {}),
                    result.get("causal", True) is not False)
         return row, col
     except (KeyError, TypeError):

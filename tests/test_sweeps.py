@@ -270,9 +270,13 @@ def test_experiment_covers_every_paper_cell_and_its_offline_variant_the_same_col
         wanted = {(r, Column(w, a, m, n)) for r in rows for (w, a, m) in series for n in (64, 128)}
     assert wanted <= cells, sorted(wanted - cells, key=str)[:5]
     assert all(row.is_paper_eval for row, _ in cells)  # whole validation split, run_clm, paper checkpoint, no variant
-    # offline: one SmolLM2 row with a small window count, the same columns
-    assert {cfg.model.name for _, cfg in offline} == {"smollm2-135m"}
-    assert all(cfg.task.max_windows and cfg.task.max_windows <= 16 for _, cfg in offline)
+    # offline: one SmolLM2 perplexity row with a small window count (table10: and its offline tasks), the same columns
+    ppl = [(job, cfg) for job, cfg in offline if cfg.task.name == "wikitext2"]
+    assert {cfg.model.name for _, cfg in ppl} == {"smollm2-135m"}
+    assert all(cfg.task.max_windows and cfg.task.max_windows <= 16 for _, cfg in ppl)
+    tasks = {(cfg.model.name, cfg.task.name) for _, cfg in offline}
+    assert tasks == ({("smollm2-135m", "wikitext2"), ("smollm2-135m", "squad"), ("smollm2-135m", "sst2"), ("minilm", "stsb")}
+                     if experiment == "table10" else {("smollm2-135m", "wikitext2")})
     assert {_cell(cfg)[1] for _, cfg in offline} == {col for _, col in cells}
     assert all(_cell(cfg)[0].variant == () for _, cfg in offline)  # one offline row: each job is its cell's definition
 
