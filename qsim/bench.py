@@ -121,6 +121,52 @@ def model_overhead(windows: int, repeats: int, seq_len: int = 512) -> dict:
             "configs": table}
 
 
+# ---------------------------------------------------------------- 1b. decode throughput
+
+DECODE_CONFIG = ("W4A8 ABFP n=64 +attention (the default)", ["format=w4a8", "method=abfp"])
+DECODE_TARGET = 1.3
+
+
+@torch.no_grad()
+def _decode(model, prompt: torch.Tensor, new_tokens: int) -> float:
+    """Seconds to prefill prompt and greedily decode new_tokens, one token a step through the KV cache."""
+    t0 = time.perf_counter()
+    out = model(input_ids=prompt, use_cache=True)
+    for _ in range(new_tokens):
+        token = out.logits[:, -1:].argmax(-1)
+        out = model(input_ids=token, cache=out.cache, use_cache=True)
+    return time.perf_counter() - t0
+
+
+def decode_throughput(new_tokens: int = 128, prompt_tokens: int = 64, repeats: int = 3) -> dict:
+    """Generation speed (tokens/s) of FP32 and the default quantized config, interleaved
+    FP32, X, FP32, ... ; the ratio is the median of X over the mean of its neighbours."""
+    from .config import compose_config
+    from .data import join_text, load_rows, tokenize
+    from .models import load_smollm2
+    from .run import build_plan
+    from .surgery import quantize_model
+
+    base = load_smollm2()
+    prompt = tokenize(base.tokenizer, join_text(load_rows("wikitext2", "test")))[:prompt_tokens][None]
+    quantized = load_smollm2()
+    quantize_model(quantized.model, build_plan(compose_config(DECODE_CONFIG[1])))
+    _decode(base.model, prompt, 8), _decode(quantized.model, prompt, 8)  # warm-up
+    fp32, ours, ratios = [], [], []
+    before = _decode(base.model, prompt, new_tokens)
+    fp32.append(before)
+    for _ in range(repeats):
+        t = _decode(quantized.model, prompt, new_tokens)
+        after = _decode(base.model, prompt, new_tokens)
+        ours.append(t), fp32.append(after)
+        ratios.append(t / ((before + after) / 2))
+        before = after
+    return {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeats": repeats, "config": DECODE_CONFIG[0],
+            "fp32_tokens_per_s": new_tokens / statistics.median(fp32),
+            "tokens_per_s": new_tokens / statistics.median(ours), "ratio": statistics.median(ratios),
+            "ratio_min": min(ratios), "ratio_max": max(ratios), "target": DECODE_TARGET}
+
+
 # ---------------------------------------------------------------- 2. format kernels
 
 def format_kernels(numel: int = 1 << 22, repeats: int = 25) -> dict:
@@ -293,6 +339,11 @@ def print_report(report: dict) -> None:
                       f"{row['qtorch_seconds'] * 1e3:.1f}" if "qtorch_seconds" in row else "",
                       f"{row['speedup_vs_qtorch']:.1f}" if "speedup_vs_qtorch" in row else "")
         console.print(t)
+    if "decode" in report:
+        d = report["decode"]
+        console.print(f"[bold]decode[/bold] ({d['new_tokens']} new tokens after {d['prompt_tokens']}, KV cache): FP32 "
+                      f"{d['fp32_tokens_per_s']:.1f} tokens/s, {d['config']} {d['tokens_per_s']:.1f} tokens/s, "
+                      f"time ratio {d['ratio']:.3f} ({d['ratio_min']:.2f}-{d['ratio_max']:.2f}; target <= {d['target']})")
     for key in ("calibration", "load", "memory", "section_seconds"):
         if key in report:
             console.print(f"[bold]{key}[/bold]: {json.dumps(report[key], default=str)}")
@@ -300,7 +351,7 @@ def print_report(report: dict) -> None:
         console.print(f"[bold]bench total[/bold]: {report['bench_seconds'] / 60:.1f} min")
 
 
-SECTIONS = ("kernels", "model", "load", "memory", "calibration")  # in the order they run
+SECTIONS = ("kernels", "model", "decode", "load", "memory", "calibration")  # in the order they run
 
 
 def main(argv=None) -> None:
@@ -317,6 +368,7 @@ def main(argv=None) -> None:
     sections = {
         "kernels": ("format_kernels", format_kernels),
         "model": ("model_overhead", lambda: model_overhead(args.windows, args.repeats)),
+        "decode": ("decode", decode_throughput),
         "load": ("load", load_times),
         "memory": ("memory", lambda: memory(MEMORY_WINDOWS)),
         "calibration": ("calibration", lambda: calibration_costs(args.quick)),

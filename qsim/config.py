@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 from omegaconf import MISSING
 
@@ -189,6 +189,8 @@ class TaskConfig:
     stride: int = 128  # extractive squad: overlap of the context windows of seq_len tokens
     max_answer_tokens: int = 30  # extractive squad: longest answer span
     timeout: float = 10.0  # humaneval: seconds each generated program may run
+    tasks: List[str] = field(default_factory=list)  # lm_eval: lm-evaluation-harness task names
+    include_path: Optional[str] = None  # lm_eval: a folder of extra lm-eval task YAMLs
 
 
 @dataclass

@@ -225,6 +225,10 @@ def bench_block(path: Path) -> str:
         f"| peak RSS of an evaluation: FP32 / W4A8 ABFP n=64 | {mem['fp32_peak_rss_mb']:.0f} / "
         f"{mem['w4a8_abfp_peak_rss_mb']:.0f} MB ({mem['ratio']:.2f}x) |",
     ]
+    if "decode" in b:
+        d = b["decode"]
+        lines.append(f"| decode {d['new_tokens']} tokens (KV cache): FP32 / {d['config']} tokens/s, time ratio (target "
+                     f"<= {d['target']}) | {d['fp32_tokens_per_s']:.1f} / {d['tokens_per_s']:.1f}, {d['ratio']:.2f}x |")
     for name, label in (("gptq", "GPTQ"), ("smoothquant", "SmoothQuant"), ("mse", "MSE")):
         c = cal[name]
         lines.append(f"| {label} calibration on {c['calib_samples']} x 512 tokens (own process): time / peak RSS "

@@ -117,6 +117,7 @@ SST2_CORRECT = 20  # of the first 40 (FP32 gets 112 of the first 200: SmolLM2-13
 SQUAD_GEN_F1, SQUAD_GEN_EM = 19.642857142857146, 0.0  # the instruct model answers in sentences
 FAMILY_VALUES = {"tiny-bert-qa": 19.861111111111114, "tiny-llama": 1 / 6}
 VIT_TOP1 = 0.0
+LM_EVAL_SST2_ACC = 13 / 24
 
 FAMILY_RUNS = {  # model -> (task args, metric, value, layers, attention sites)
     "tiny-bert-qa": (["task=squad", "task.max_samples=6"], "f1", None, 13, 2),
@@ -165,3 +166,22 @@ def test_imagenet_pipeline_on_generated_images_with_tiny_vit(tmp_path):
 def test_family_mismatches_are_one_line_errors(args, message, tmp_path):
     run = qsim_run(tmp_path, *args)
     assert run.returncode == 2 and message in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
+
+
+def test_lm_eval_bridge_scores_the_simulated_model_in_memory_offline(tmp_path):
+    """lm-eval's HFLM on the quantized model object; its qsim_sst2 (offline SST-2 dev) asks what
+    qsim's own sst2 task asks, so both count the same correct answers."""
+    run = qsim_run(tmp_path / "lm", "task=lm_eval", "task.tasks=[qsim_sst2]", "task.max_samples=24", "format=w4a8", "method=abfp")
+    assert run.returncode == 0, run.stderr[-2000:]
+    r = _result(tmp_path / "lm")
+    assert r["eval"]["value_metric"] == "qsim_sst2/acc,none" and r["eval"]["samples"] == 24
+    assert set(r["eval"]["lm_eval"]["qsim_sst2"]) >= {"acc,none"} and r["quantized"]["attention_calls"] > 0
+    assert r["data"]["eval"][0]["file"] == "glue/sst2/dev.tsv"
+    own = qsim_run(tmp_path / "own", "task=sst2", "task.max_samples=24", "format=w4a8", "method=abfp")
+    assert own.returncode == 0, own.stderr[-2000:]
+    assert r["value"] == _result(tmp_path / "own")["value"] == pytest.approx(LM_EVAL_SST2_ACC, abs=1e-12)
+
+
+def test_lm_eval_without_tasks_is_a_one_line_error(tmp_path):
+    run = qsim_run(tmp_path, "task=lm_eval")
+    assert run.returncode == 2 and "task.tasks=[...]" in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr

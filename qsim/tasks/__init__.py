@@ -120,4 +120,4 @@ def _evaluate_wikitext2(lm, cfg, progress=None) -> dict:
 TASKS["wikitext2"] = Task("wikitext2", "ppl", _check_wikitext2, _evaluate_wikitext2,
                           reads=lambda cfg: [("wikitext2", _wikitext_split(cfg))])
 
-from . import humaneval, imagenet, squad, sst2, stsb  # noqa: E402,F401  (registers; one file per task)
+from . import humaneval, imagenet, lmeval, squad, sst2, stsb  # noqa: E402,F401  (registers; one file per task)
