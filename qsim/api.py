@@ -19,7 +19,7 @@ import torch
 from . import data
 from .config import ConfigError, compose_config, validate
 from .methods import METHODS
-from .models import LoadedModel
+from .models import LoadedModel, family_of_model
 from .run import Bar, build_plan, calibrate, check_causal, check_positions
 from .surgery import SurgeryReport, model_leaks, plan_leaks, quantize_model
 from .tasks import TASKS
@@ -108,11 +108,13 @@ def _with(cfg, key: str, value):
 def evaluate(model: torch.nn.Module, tokenizer, task: str = "wikitext2", *, overrides=(), **settings) -> dict:
     """Score `model` on a task as `qsim run` does (task.* settings, e.g. `task__max_windows=8`);
     returns the task's output with its metric name."""
-    cfg = _config({"task": task, **settings}, overrides)
-    validate(cfg)
+    family = family_of_model(model)
+    cfg = _config({"task": task, **settings}, (*overrides, f"model.family={family}"))
+    validate(cfg)  # the task scores this family, names and ranges
     spec = TASKS[cfg.task.name]
     spec.check(cfg)
     check_positions(cfg, getattr(getattr(model, "config", None), "max_position_embeddings", None),
                     model_name=type(model).__name__)
-    out = spec.evaluate(LoadedModel(model, tokenizer, source=type(model).__name__), cfg, Bar(None, f"evaluate {task}"))
+    lm = LoadedModel(model, tokenizer, source=type(model).__name__, family=family)
+    out = spec.evaluate(lm, cfg, Bar(None, f"evaluate {task}"))
     return {"metric": spec.metric, **out}

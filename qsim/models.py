@@ -55,6 +55,17 @@ TINY_ARCHS = {"llama": ("causal-lm", "code-lm", "seq-classifier"), "codegen": ("
               "bert": ("qa-encoder", "sentence-encoder", "seq-classifier"), "vit": ("image-classifier",)}
 
 
+def family_of_model(model) -> str:
+    """A loaded model's family, from its transformers class name (the Python API has no config)."""
+    name = type(model).__name__
+    for suffix, family in (("ForQuestionAnswering", "qa-encoder"), ("ForSequenceClassification", "seq-classifier"),
+                           ("ForImageClassification", "image-classifier"), ("ForCausalLM", "causal-lm"),
+                           ("LMHeadModel", "causal-lm")):
+        if name.endswith(suffix):
+            return family
+    return "sentence-encoder" if name.endswith("Model") else "causal-lm"
+
+
 def family_of(cfg) -> str:
     """A ModelConfig's family: model.family, else what its source implies."""
     return cfg.family or ("sentence-encoder" if cfg.source == "sbert" else "causal-lm")

@@ -171,6 +171,38 @@ def formats2026_block(manifest: dict[str, Entry]) -> str:
     return f"\n{table}\n\nEach row: `qsim run +experiment/f2026=<point>`; measured at commit {commits}.\n"
 
 
+# Table X offline: (row label, [FP32, W4A4 ABFP-64, W4A8 ABFP-64] entry ids)
+TABLE10_ROWS = [
+    ("SmolLM2-135M, WikiText-2 test ppl (paper protocol)", ["t10-smollm2-fp32", "t10-smollm2-w4a4-abfp", "t10-smollm2-w4a8-abfp"]),
+    ("SmolLM2-135M, SQuAD v1.1 dev F1 (generative)", ["t10-smollm2-squad-fp32", "t10-smollm2-squad-w4a4-abfp",
+                                                        "t10-smollm2-squad-w4a8-abfp"]),
+    ("SmolLM2-135M, SST-2 dev accuracy (zero-shot)", ["t10-smollm2-sst2-fp32", "t10-smollm2-sst2-w4a4-abfp",
+                                                        "t10-smollm2-sst2-w4a8-abfp"]),
+    ("all-MiniLM-L6-v2, STS-B dev Spearman", ["minilm-stsb-fp32", "t10-minilm-stsb-w4a4-abfp", "minilm-stsb-w4a8-abfp"]),
+]
+
+
+def table10_block(manifest: dict[str, Entry]) -> str:
+    """Table X's offline variant: each task row x FP32 / W4A4 / W4A8 ABFP-64, value and wall time."""
+    lines = ["| model, task, metric | extent | FP32 | W4A4 ABFP-64 | W4A8 ABFP-64 |", "|---|---|---:|---:|---:|"]
+    everything = []
+    for label, ids in TABLE10_ROWS:
+        results = [load_published(manifest[i]) for i in ids]
+        everything += results
+        ev = results[0]["eval"]
+        extent = (f"{ev['windows']} x {results[0]['seq_len']} tokens" if "windows" in ev
+                  else f"{ev['samples']} of {ev['samples_available']}")
+        digits = 2 if results[0]["metric"] in ("ppl", "f1") else 4
+        cells = [f"{_link(manifest[i], format(r['value'], f'.{digits}f'))} ({r['timings']['total']:.0f} s)"
+                 for i, r in zip(ids, results)]
+        lines.append(f"| {label} | {extent} | " + " | ".join(cells) + " |")
+    lines += ["", "Each cell: the value, linked to its result, and the run's wall time on 2 cores. Commands: "
+              "`qsim run +experiment=table10-offline experiment/row=<row> experiment/col=<col>` (the manifest "
+              "names each; `make table10-offline` runs them all as a sweep); MiniLM's FP32 and W4A8 cells are "
+              f"the `minilm-stsb` entries above. Measured at commit {_commits(everything)}."]
+    return "\n" + "\n".join(lines) + "\n"
+
+
 def published_cost(manifest: dict[str, Entry]) -> str:
     results = [load_published(e) for e in manifest.values()]
     minutes = sum(r["timings"]["total"] for r in results) / 60
@@ -257,6 +289,7 @@ def render_blocks(manifest: dict[str, Entry] | None = None, bench: Path | None =
         "formats2026": formats2026_block(manifest),
         "minilm-stsb": metric_table(manifest, ["minilm-stsb-fp32", "minilm-stsb-w4a8-abfp"],
                                     "all-MiniLM-L6-v2, GLUE STS-B dev"),
+        "table10-offline": table10_block(manifest),
         "published-cost": published_cost(manifest),
         "bench": bench_block(newest_bench() if bench is None else bench),
     }

@@ -61,3 +61,17 @@ def test_evaluate_gives_the_cli_number_on_tiny_opt(one_thread):
     assert out["value"] == pytest.approx(514.0083824780363, rel=1e-4)
     with pytest.raises(ConfigError, match=r"task.seq_len=512 is longer than model 'OPTForCausalLM' has positions \(256\)"):
         qsim.evaluate(lm.model, lm.tokenizer, task__seq_len=512)
+
+
+def test_evaluate_knows_the_family_of_the_model_it_is_given(one_thread):
+    """A QA encoder is scored extractively, as `qsim run model=tiny-bert-qa task=squad` does; a
+    task that does not score its family is the CLI's error."""
+    from qsim.models import load_tiny
+
+    lm = load_tiny("bert", "qa-encoder", torch.float32)
+    qsim.quantize(lm.model, format="w4a8", method="abfp")
+    out = qsim.evaluate(lm.model, lm.tokenizer, task="squad", task__max_samples=6)
+    assert (out["metric"], out["mode"], out["samples"]) == ("f1", "extractive", 6)
+    assert out["value"] == pytest.approx(19.861111111111114, abs=1e-9)  # test_task_families' CLI run
+    with pytest.raises(ConfigError, match="task=wikitext2 scores causal-lm or code-lm models"):
+        qsim.evaluate(lm.model, lm.tokenizer, task="wikitext2")
