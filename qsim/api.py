@@ -87,8 +87,6 @@ def quantize(model: torch.nn.Module, format: str = "w4a8", method: str = "abfp",
         length = cfg.calib.seq_len if calib is None else calib.shape[-1]
         check_positions(_with(cfg, "calib.seq_len", length), getattr(config, "max_position_embeddings", None),
                         evaluates=False, model_name=type(model).__name__)
-    if tokenizer is not None:
-        model.qsim_tokenizer = tokenizer  # QAT's training text
     torch.manual_seed(cfg.seed)
     surgery = quantize_model(model, plan)
     facts = calibrate(model, tokenizer, cfg, calib=calib)

@@ -63,7 +63,7 @@ def model_overhead(windows: int, repeats: int, seq_len: int = 512) -> dict:
     window, seconds apart, so drift cancels); the ratio is the median over windows x repeats."""
     from .config import compose_config
     from .data import join_text, load_rows, tokenize
-    from .methods import METHODS
+    from .methods import METHODS, StageContext
     from .models import load_smollm2
     from .run import build_plan
     from .surgery import quantize_model
@@ -78,7 +78,7 @@ def model_overhead(windows: int, repeats: int, seq_len: int = 512) -> dict:
         quantize_model(lm.model, build_plan(cfg))
         for step in cfg.method.steps:  # stages without calibration (rotation) change the model itself
             if not METHODS[step].needs_calibration:
-                METHODS[step].apply(lm.model, None, cfg, None)
+                METHODS[step].apply(StageContext(lm.model, None, cfg))
         models[name] = lm.model
 
     seconds = {name: [[] for _ in range(windows)] for name in models}

@@ -322,6 +322,9 @@ def validate(cfg) -> None:
         except ValueError as err:
             raise ConfigError(f"abfp.scale_format={cfg.abfp.scale_format!r}: {err} (e.g. int8, e4m3)") from None
     _choice("task", cfg.task.name, sorted(TASKS))
+    from .data import TEXT_DATASETS
+
+    _choice("calib.dataset", cfg.calib.dataset, TEXT_DATASETS)
     if family_of(cfg.model) not in TASKS[cfg.task.name].families:
         raise ConfigError(f"task={cfg.task.name} scores {' or '.join(TASKS[cfg.task.name].families)} models; "
                           f"model {cfg.model.name!r} is a {family_of(cfg.model)} (model.family)")

@@ -41,6 +41,8 @@ HUB = {
 }
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 DATASETS = tuple(HUB)
+# Plain text (load_rows): what calibration and QAT can read; the others are tables of records.
+TEXT_DATASETS = ("wikitext2", "ptb", "sst2", "c4")
 
 
 class DataError(RuntimeError):
@@ -73,11 +75,11 @@ def has_offline(dataset: str, split: str) -> bool:
 def load_rows(dataset: str, split: str) -> list[str]:
     """The rows of a text data set split, offline first, else from the hub."""
     READ_LOG.append((dataset, split))
+    if dataset not in TEXT_DATASETS:
+        raise DataError(f"{dataset!r} is not a text data set; text: {', '.join(TEXT_DATASETS)}")
     path = offline_path(dataset, split)
     if path is not None and path.exists():
         return _read_offline(path)
-    if dataset not in HUB:
-        raise DataError(f"unknown data set {dataset!r}; valid: {', '.join(DATASETS)}")
     expected = OFFLINE_FILES.get((dataset, split), f"<{dataset} {split}>")
     if data_dir() is not None:
         hint = f"{path} does not exist" if path else f"no offline copy of {dataset} {split} is known"

@@ -15,7 +15,7 @@ from rich.table import Table
 from . import data
 from .accum import Accumulator
 from .config import ConfigError, validate
-from .methods import METHODS
+from .methods import METHODS, StageContext
 from .models import family_of, load_model, model_config, skeleton_layer_names
 from .quantizer import QuantSpec
 from .results import RESULT_FILE, identity_fields, versions, write_json_atomic
@@ -152,7 +152,7 @@ def calibrate(model, tokenizer, cfg, progress: Progress | None = None, calib: to
         calib = data.calibration_windows(tokenizer, c.dataset, c.split, c.n_samples, c.seq_len, c.seed)
     for m in steps:
         t0 = time.time()
-        facts = m.apply(model, calib, cfg, Bar(progress, f"calibrate {m.name}")) or {}
+        facts = m.apply(StageContext(model, calib, cfg, Bar(progress, f"calibrate {m.name}"), tokenizer)) or {}
         facts["seconds"] = round(time.time() - t0, 3)
         method_facts[m.name] = facts
     return method_facts

@@ -12,7 +12,7 @@ from torch import nn
 
 from qsim import data
 from qsim.config import ConfigError, group_choices
-from qsim.methods import METHODS
+from qsim.methods import METHODS, StageContext
 from qsim.models import ByteTokenizer, load_tiny_opt
 from qsim.quantizer import QuantSpec
 from qsim.run import Bar, build_plan, preflight, run
@@ -51,13 +51,12 @@ def simulate(model: nn.Module, tokenizer, overrides: list[str]):
     """Surgery and every method step of the preset, as qsim.run does; returns the config."""
     c = cfg(*overrides)
     quantize_model(model, build_plan(c))
-    model.qsim_tokenizer = tokenizer  # QAT's training text
     calib = None
     if any(METHODS[s].needs_calibration for s in c.method.steps):
         k = c.calib
         calib = data.calibration_windows(tokenizer, k.dataset, k.split, k.n_samples, k.seq_len, k.seed)
     for step in c.method.steps:
-        METHODS[step].apply(model, calib, c, Bar(None, step))
+        METHODS[step].apply(StageContext(model, calib, c, Bar(None, step), tokenizer))
     return c
 
 

@@ -18,7 +18,7 @@ import torch
 from conftest import cfg
 from qsim import data
 from qsim.formats import CHUNK, NAMED, get_format
-from qsim.methods import METHODS
+from qsim.methods import METHODS, StageContext
 from qsim.methods.gptq import WeightGrid, capture_block_inputs, collect_hessians, find_decoder_blocks
 from qsim.methods.gptq import gptq_quantize, gptq_supported, reconstruction_errors
 from qsim.methods.mse import AbsHistogram, activation_quantizers, choose_amax, collect_histograms
@@ -292,7 +292,7 @@ def test_quantized_smollm2_under_inference_mode_equals_no_grad(smollm2):
         quantize_model(smollm2.model, build_plan(c))
         method = METHODS[c.method.name]
         if method.needs_calibration:
-            method.apply(smollm2.model, data.calibration_windows(smollm2.tokenizer, "ptb", "test", 1, 16, 0), c, Bar())
+            method.apply(StageContext(smollm2.model, data.calibration_windows(smollm2.tokenizer, "ptb", "test", 1, 16, 0), c, Bar()))
         logits = _same_under_inference_mode(smollm2.model, ids)
         assert torch.isfinite(logits).all()
         restore_model(smollm2.model)
@@ -307,7 +307,7 @@ def test_mse_calibrated_under_inference_mode_equals_no_grad():
         quantize_model(lm.model, build_plan(c))
         calib = data.calibration_windows(lm.tokenizer, "ptb", "test", 2, 32, 0)
         with torch.inference_mode(inference):
-            METHODS["mse"].apply(lm.model, calib, c, Bar())
+            METHODS["mse"].apply(StageContext(lm.model, calib, c, Bar()))
         amaxes.append([q.amax for _, q in activation_quantizers(lm.model) if q.amax is not None])
         logits.append(_same_under_inference_mode(lm.model, calib[:1]))
     assert len(amaxes[0]) == 20

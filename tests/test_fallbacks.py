@@ -11,7 +11,7 @@ from torch import nn
 from conftest import cfg
 from qsim import data
 from qsim.config import ConfigError
-from qsim.methods import METHODS, MethodError
+from qsim.methods import METHODS, MethodError, StageContext
 from qsim.methods.gptq import run_gptq
 from qsim.methods.qat import finetune
 from qsim.quantizer import QuantSpec, fake_quantize
@@ -289,7 +289,7 @@ def test_mse_records_quantizers_without_data_and_stops_when_none_saw_any():
     torch.manual_seed(0)
     model = TinyLM(Unreached())
     c = _simulated(model, "method=mse", "format=w4a8", "mse.attention=false")
-    facts = METHODS["mse"].apply(model, _calib(), c, Bar())
+    facts = METHODS["mse"].apply(StageContext(model, _calib(), c, Bar()))
     assert facts["dynamic_fallback"] == ["body.unused.input"] and facts["zero_inputs"] == ["body.zero_fed.input"]
     assert facts["calibrated"] == 3  # fc, zero_fed, head
     assert model.body.unused.input_quantizer.spec.mode == "dynamic"
@@ -297,14 +297,14 @@ def test_mse_records_quantizers_without_data_and_stops_when_none_saw_any():
     lonely = TinyLM(Unreached())
     c = _simulated(lonely, "method=mse", "format=w4a8", "mse.attention=false", "quant.skip=[head,body.fc,body.zero_fed]")
     with pytest.raises(MethodError, match="none of the 1 activation quantizers saw calibration data"):
-        METHODS["mse"].apply(lonely, _calib(), c, Bar())
+        METHODS["mse"].apply(StageContext(lonely, _calib(), c, Bar()))
 
 
 def test_rptq_records_convolutions_and_unreached_inputs():
     torch.manual_seed(0)
     model = TinyLM(ConvBody())
     c = _simulated(model, "method=rptq", "format=w4a4")
-    facts = METHODS["rptq"].apply(model, _calib(), c, Bar())
+    facts = METHODS["rptq"].apply(StageContext(model, _calib(), c, Bar()))
     assert facts["dynamic_fallback"] == {"channels-first input (convolution): per-token dynamic": ["body.conv"]}
     assert facts["layers"] == 2  # fc and head clustered
     spec = model.body.conv.input_quantizer.spec
@@ -314,7 +314,7 @@ def test_rptq_records_convolutions_and_unreached_inputs():
 
     unreached = TinyLM(Unreached())
     c = _simulated(unreached, "method=rptq", "format=w4a4")
-    facts = METHODS["rptq"].apply(unreached, _calib(), c, Bar())
+    facts = METHODS["rptq"].apply(StageContext(unreached, _calib(), c, Bar()))
     assert facts["dynamic_fallback"] == {"not reached by the calibration windows: per-token dynamic": ["body.unused"]}
 
 
@@ -322,7 +322,7 @@ def test_smoothquant_lists_what_it_leaves_and_stops_when_nothing_is_left(tiny_op
     from qsim.models import load_tiny_opt
 
     c = _simulated(tiny_opt, "method=smoothquant", "format=w4a8")
-    facts = METHODS["smoothquant"].apply(tiny_opt, _calib(seq_len=32), c, Bar())
+    facts = METHODS["smoothquant"].apply(StageContext(tiny_opt, _calib(seq_len=32), c, Bar()))
     assert facts["folded_into_norm"] == 8
     assert facts["not_smoothed"] == {"scope 'norm': input neither a norm's output nor shared": [
         "model.decoder.layers.{0-1}.self_attn.out_proj", "model.decoder.layers.{0-1}.fc2"]}
@@ -333,7 +333,7 @@ def test_smoothquant_lists_what_it_leaves_and_stops_when_nothing_is_left(tiny_op
     c = _simulated(model, "method=smoothquant", "format=w4a8", "quant.skip=[lm_head,'*_proj','*fc1']")  # fc2 is left
     with pytest.raises(MethodError, match=r"smoothquant found nothing to smooth in OPTForCausalLM "
                                           r"\(scope 'norm': input neither a norm's output nor shared: 2\)"):
-        METHODS["smoothquant"].apply(model, _calib(seq_len=32), c, Bar())
+        METHODS["smoothquant"].apply(StageContext(model, _calib(seq_len=32), c, Bar()))
 
 
 class Block(nn.Module):

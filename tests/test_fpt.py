@@ -5,7 +5,7 @@ import torch
 from conftest import cfg
 from qsim import data
 from qsim.config import ConfigError, validate
-from qsim.methods import METHODS
+from qsim.methods import METHODS, StageContext
 from qsim.methods.fpt import fisher_error
 from qsim.models import ByteTokenizer
 from qsim.pins import tiny_model
@@ -36,7 +36,7 @@ def test_fpt_search_never_increases_the_error_and_sets_static_quantizers(one_thr
     validate(c)
     quantize_model(model, build_plan(c))
     calib = data.calibration_windows(ByteTokenizer(), "ptb", "test", 2, 32, 0)
-    facts = METHODS["fpt"].apply(model, calib, c, Bar())
+    facts = METHODS["fpt"].apply(StageContext(model, calib, c, Bar()))
     layers = dict(quantized_layers(model))
     assert len(facts["layers"]) == 14
     formats = set()

@@ -230,9 +230,10 @@ def test_qat_is_deterministic(tiny_opt):
 def test_qat_zero_steps_leaves_model_unchanged(tiny_opt):
     c = _simulated(tiny_opt, "model=tiny-opt", "format=w4a8", "method=abfp-qat", "qat.steps=0")
     state = {k: v.clone() for k, v in tiny_opt.state_dict().items()}
+    from qsim.methods import StageContext
     from qsim.methods.qat import apply
 
-    facts = apply(tiny_opt, None, c, None)
+    facts = apply(StageContext(tiny_opt, None, c))
     assert facts["steps"] == 0
     assert all(torch.equal(state[k], v) for k, v in tiny_opt.state_dict().items())
 
@@ -240,12 +241,13 @@ def test_qat_zero_steps_leaves_model_unchanged(tiny_opt):
 def test_qat_on_smollm2_steps(smollm2):
     """Two real steps on SmolLM2 with ABFP W4A8: finite losses, weights move, embeddings frozen."""
     c = _simulated(smollm2.model, "format=w4a8", "method=abfp-qat", "qat.steps=2", "qat.seq_len=32")
+    from qsim.methods import StageContext
     from qsim.methods.qat import apply
 
     emb = smollm2.model.model.embed_tokens.weight.detach().clone()
     q_proj = smollm2.model.model.layers[0].self_attn.q_proj
     w0 = q_proj.weight.detach().clone()
-    facts = apply(smollm2.model, None, c, None, tokenizer=smollm2.tokenizer)
+    facts = apply(StageContext(smollm2.model, None, c, tokenizer=smollm2.tokenizer))
     assert facts["grad_checkpointing"]
     assert (facts["loss_first"], facts["loss_last"]) == pytest.approx((6.017362594604492, 5.549120903015137), rel=PINNED_REL)
     assert torch.equal(smollm2.model.model.embed_tokens.weight, emb)
@@ -271,3 +273,13 @@ def test_qat_needs_its_training_text(monkeypatch, tmp_path):
     monkeypatch.setenv("QSIM_DATA_DIR", str(tmp_path))
     with pytest.raises(ConfigError, match="qat training text"):
         preflight(cfg("method=qat"))
+
+
+def test_qat_without_a_tokenizer_in_its_context_stops(tiny_opt):
+    """The stage reads its training text with the context's tokenizer; it never reloads one."""
+    from qsim.methods import MethodError, StageContext
+    from qsim.methods.qat import apply
+
+    c = _simulated(tiny_opt, "model=tiny-opt", "format=w4a8", "method=abfp-qat", "qat.steps=1")
+    with pytest.raises(MethodError, match="the stage context has none"):
+        apply(StageContext(tiny_opt, None, c))

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from conftest import cfg, pinned
 from qsim import data
 from qsim.config import ConfigError, validate
-from qsim.methods import METHODS
+from qsim.methods import METHODS, StageContext
 from qsim.methods.mse import AbsHistogram, choose_amax, mse_amax
 from qsim.methods.rptq import ClusterQuantizer, asymmetric_fake_quantize, kmeans
 from qsim.methods.smoothquant import smoothing_scales
@@ -130,7 +130,7 @@ def test_mse_stage_calibrates_every_activation_quantizer_on_its_own_format():
         lm = _tiny(post_ln=False)
         c, calib = _prepare(lm, "model=tiny-opt", "method=mse", f"format={fmt}")
         bar = Bar()
-        facts = METHODS["mse"].apply(lm.model, calib, c, bar)
+        facts = METHODS["mse"].apply(StageContext(lm.model, calib, c, bar))
         assert bar.total == bar.done == len(calib)
         assert facts["calibrated"] == 12 + 2 * 4 and facts["attention_calibrated"] == 8  # 12 inputs, 2 x q/k/v/p
         fc1 = dict(quantized_layers(lm.model))["model.decoder.layers.0.fc1"].input_quantizer
@@ -231,7 +231,7 @@ def test_smoothquant_keeps_the_float_model_and_folds_where_exact(which, wikitext
     ref = _float_logits(lm.model, ids)
     with torch.no_grad():
         quantized_before = lm.model(ids).logits
-    facts = METHODS["smoothquant"].apply(lm.model, calib, c, Bar())
+    facts = METHODS["smoothquant"].apply(StageContext(lm.model, calib, c, Bar()))
     assert (facts["folded_into_norm"], facts["explicit_scale"]) == SQ_EXPECTED[which]
     assert _rel_change(_float_logits(lm.model, ids), ref) < 1e-4
     with torch.no_grad():
@@ -298,7 +298,7 @@ def test_rptq_keeps_the_float_model(which, wikitext_window):
     c, calib = _prepare(lm, *model_arg, "method=rptq", "format=w4a4", "rptq.norm_out_8bit=true", n=2, seq_len=64)
     ids = wikitext_window(lm.tokenizer)
     ref = _float_logits(lm.model, ids)
-    facts = METHODS["rptq"].apply(lm.model, calib, c, Bar())
+    facts = METHODS["rptq"].apply(StageContext(lm.model, calib, c, Bar()))
     layers = dict(quantized_layers(lm.model))
     assert facts["layers"] == len(layers) and facts["dynamic_fallback"] == {}
     assert _rel_change(_float_logits(lm.model, ids), ref) < 1e-4

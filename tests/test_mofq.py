@@ -13,7 +13,7 @@ from qsim import data
 from qsim.cli import overrides_yaml
 from qsim.config import ConfigError, validate
 from qsim.formats import get_format
-from qsim.methods import METHODS
+from qsim.methods import METHODS, StageContext
 from qsim.quantizer import fake_quantize
 from qsim.run import build_plan
 from qsim.surgery import quantization_disabled, quantize_model, quantized_layers
@@ -40,7 +40,7 @@ def _mofq(lm, *overrides):
     calib = data.calibration_windows(lm.tokenizer, "ptb", "test", 2, 64, 0)
     facts = {}
     for step in c.method.steps:
-        facts[step] = METHODS[step].apply(lm.model, calib, c, Bar())
+        facts[step] = METHODS[step].apply(StageContext(lm.model, calib, c, Bar()))
     return facts["mofq"], calib
 
 

@@ -12,7 +12,7 @@ import torch
 
 from conftest import cfg
 from qsim.config import ConfigError, validate
-from qsim.methods import METHODS
+from qsim.methods import METHODS, StageContext
 from qsim.methods.rotate import Hadamard, _inner_hadamard, hadamard_split, layout, paley, rotation
 from qsim.run import build_plan
 from qsim.surgery import SurgeryError, quantization_disabled, quantize_model, quantized_layers, restore_model
@@ -98,7 +98,7 @@ def tiny_preln_opt():
 def _rotated(model, *overrides):
     c = cfg("format=w4a4", "method=rotate-abfp", *overrides)
     quantize_model(model, build_plan(c))
-    return METHODS["rotate"].apply(model, None, c, None)
+    return METHODS["rotate"].apply(StageContext(model, None, c, None))
 
 
 def _float_logits(model, ids):
@@ -227,7 +227,7 @@ def _tiny_opt_with(*overrides):
     c = cfg("model=tiny-opt", "format=w4a16", *overrides)
     quantize_model(model, build_plan(c))
     calib = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(0))
-    facts = {s: METHODS[s].apply(model, calib, c, None) for s in c.method.steps}
+    facts = {s: METHODS[s].apply(StageContext(model, calib, c, None)) for s in c.method.steps}
     return model, facts
 
 

@@ -3,11 +3,12 @@
 A stage has these hooks:
 - `configure(plan, cfg)`: before surgery, adjust the quantizer plan
   (scaling granularity, static mode, attention) from the method's config;
-- `apply(model, calib, cfg, bar)`: after surgery, do the work on the
-  simulated model with the calibration windows (`calib`: a LongTensor
-  [n_samples, seq_len], None for stages that need none), report progress on
-  `bar` (`bar.start(total)`, `bar.advance(n, info)`), and return a dict of
-  facts for the result;
+- `apply(ctx)`: after surgery, do the work on `ctx.model` (a StageContext:
+  the simulated model, its tokenizer, the calibration windows `ctx.calib` (a
+  LongTensor [n_samples, seq_len], None for stages that need none), the run
+  config `ctx.cfg`, and a progress bar `ctx.bar` (`start(total)`,
+  `advance(n, info)`)), and return a dict of facts for the result. A stage
+  takes what it needs from the context and never reloads it;
 - `validate(cfg)`: raise config.ConfigError for bad values (runs before any
   model loads);
 - `reads(cfg)`: the (dataset, split) pairs `apply` reads itself (beyond the
@@ -21,7 +22,7 @@ float copy on the layer (`layer.float_weight`, [out, in]) for it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 METHODS: dict[str, "Method"] = {}
 
@@ -38,6 +39,31 @@ class MethodError(RuntimeError):
 
 def _nothing(*_args, **_kwargs):
     return None
+
+
+class SilentBar:
+    """A progress bar that shows nothing (tests, benches, the Python API)."""
+
+    def start(self, total: int) -> None:
+        pass
+
+    def advance(self, n: int = 1, info: str = "") -> None:
+        pass
+
+
+@dataclass
+class StageContext:
+    """What a stage works on: the simulated model, the calibration windows, the run config, a
+    progress bar and the model's tokenizer (QAT reads its training text with it)."""
+    model: Any
+    calib: Any  # LongTensor [n_samples, seq_len] or None
+    cfg: Any
+    bar: Any = None
+    tokenizer: Any = None
+
+    def __post_init__(self):
+        if self.bar is None:
+            self.bar = SilentBar()
 
 
 def _no_data(_cfg):

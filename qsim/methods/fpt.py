@@ -127,7 +127,8 @@ def search_layer(x, w, g2, x_spec, w_spec, x_cands, w_cands, cfg):
     return state, history
 
 
-def apply(model, calib, cfg, bar):
+def apply(ctx):
+    model, calib, cfg, bar = ctx.model, ctx.calib, ctx.cfg, ctx.bar
     f = cfg.fpt
     layers = quantized_layers(model)
     for name, layer in layers:

@@ -528,7 +528,8 @@ def validate(cfg):
         raise ConfigError("gptq fits one block scale at a time; abfp.scale_format (two-level scales) is not supported with it")
 
 
-def apply(model, calib, cfg, bar):
+def apply(ctx):
+    model, calib, cfg, bar = ctx.model, ctx.calib, ctx.cfg, ctx.bar
     steps = list(cfg.method.steps)
     later = steps[steps.index("gptq") + 1:]
     return run_gptq(model, calib, cfg.gptq, bar, keep_float=any(METHODS[s].reads_float_weights for s in later))

@@ -58,7 +58,8 @@ def _as_matrix(layer: nn.Module, w: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def apply(model, calib, cfg, bar):
+def apply(ctx):
+    model, calib, cfg, bar = ctx.model, ctx.calib, ctx.cfg, ctx.bar
     rank, fmt = cfg.lorc.rank, cfg.lorc.format
     layers = [(n, m) for n, m in quantized_layers(model) if m.weight.dim() == 2]
     if bar is not None:

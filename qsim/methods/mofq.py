@@ -101,7 +101,8 @@ def _observer(layer, metric: str, act_acc: _Accumulator | None, weight_acc: _Acc
     return observe
 
 
-def apply(model, calib, cfg, bar):
+def apply(ctx):
+    model, calib, cfg, bar = ctx.model, ctx.calib, ctx.cfg, ctx.bar
     m = cfg.mofq
     layers = quantized_layers(model)
     plan, observed = {}, []

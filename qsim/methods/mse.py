@@ -317,7 +317,8 @@ def collect_histograms(model, targets: list[tuple[str, Quantizer]], calib: torch
     return hists
 
 
-def apply(model, calib, cfg, bar):
+def apply(ctx):
+    model, calib, cfg, bar = ctx.model, ctx.calib, ctx.cfg, ctx.bar
     targets = [(n, q) for n, q in activation_quantizers(model)
                if q.spec.mode == "static" and not q.spec.is_identity]
     if not targets:

@@ -49,31 +49,13 @@ def validate(cfg):
     if "gptq" in steps and steps.index("gptq") < steps.index("qat"):
         raise ConfigError("qat after gptq would train GPTQ's on-grid weights off the grid (their weight quantizers "
                           "are off after GPTQ); run qat before gptq")
-    if q.dataset not in data.DATASETS:
-        raise ConfigError(f"unknown qat.dataset {q.dataset!r}; valid: {', '.join(data.DATASETS)}")
+    if q.dataset not in data.TEXT_DATASETS:
+        raise ConfigError(f"unknown qat.dataset {q.dataset!r}; valid: {', '.join(data.TEXT_DATASETS)}")
     if q.steps > 0:
         try:
             data.check_available(q.dataset, q.split)
         except data.DataError as err:
             raise ConfigError(f"qat training text: {err}") from None
-
-
-def load_tokenizer(model_cfg):
-    """The run's tokenizer, from the model config (the stage protocol does not pass it)."""
-    from ..models import ByteTokenizer, _smollm2_cache, smollm2_gguf_path
-
-    if model_cfg.source == "tiny-opt":
-        return ByteTokenizer()
-    from transformers import AutoTokenizer
-
-    if model_cfg.source == "gguf":
-        cached = _smollm2_cache()
-        if (cached / "tokenizer_config.json").exists():
-            return AutoTokenizer.from_pretrained(cached)
-        gguf = smollm2_gguf_path()
-        return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    hf_id = model_cfg.paper_hf_id if model_cfg.checkpoint == "paper" else model_cfg.hf_id
-    return AutoTokenizer.from_pretrained(hf_id, revision=model_cfg.revision)
 
 
 def training_windows(tokenizer, q, seed: int) -> torch.Tensor:
@@ -187,12 +169,13 @@ def finetune(model: nn.Module, windows: torch.Tensor, q, bar=None, seed: int = 0
     return facts
 
 
-def apply(model, calib, cfg, bar, tokenizer=None):
-    q = cfg.qat
+def apply(ctx):
+    model, cfg, bar, q = ctx.model, ctx.cfg, ctx.bar, ctx.cfg.qat
     if q.steps == 0:
         return finetune(model, torch.zeros(0, q.seq_len, dtype=torch.long), q, bar, cfg.seed)
-    tokenizer = tokenizer or getattr(model, "qsim_tokenizer", None) or load_tokenizer(cfg.model)
-    windows = training_windows(tokenizer, q, cfg.seed)
+    if ctx.tokenizer is None:
+        raise MethodError("qat reads its training text with the model's tokenizer: the stage context has none")
+    windows = training_windows(ctx.tokenizer, q, cfg.seed)
     return finetune(model, windows, q, bar, cfg.seed)
 
 

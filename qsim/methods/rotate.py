@@ -485,7 +485,8 @@ def rotate_model(model: nn.Module, rc, bar=None) -> dict:
     return facts
 
 
-def apply(model, calib, cfg, bar):
+def apply(ctx):
+    model, calib, cfg, bar = ctx.model, ctx.calib, ctx.cfg, ctx.bar
     with _one_thread():  # thousands of small ops: a thread pool costs more than it saves (as in GPTQ)
         return rotate_model(model, cfg.rotate, bar)
 

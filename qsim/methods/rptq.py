@@ -194,7 +194,8 @@ def collect_channel_ranges(model, names, calib, bar):
     return ranges
 
 
-def apply(model, calib, cfg, bar):
+def apply(ctx):
+    model, calib, cfg, bar = ctx.model, ctx.calib, ctx.cfg, ctx.bar
     r = cfg.rptq
     layers = dict(quantized_layers(model))
     active = [n for n, m in layers.items() if not m.input_quantizer.spec.is_identity]

@@ -280,7 +280,8 @@ def _smoothable_only(groups: list[InputGroup]) -> list[InputGroup]:
     return kept
 
 
-def apply(model, calib, cfg, bar):
+def apply(ctx):
+    model, calib, cfg, bar = ctx.model, ctx.calib, ctx.cfg, ctx.bar
     alpha = float(cfg.smoothquant.alpha)
     scope = cfg.smoothquant.scope
     ids = trace_ids(calib)
