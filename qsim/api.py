@@ -26,13 +26,13 @@ from .tasks import TASKS
 
 
 def _config(settings: dict, overrides) -> object:
-    from .cli import _explain_compose_error
+    from .cli import explain_compose_error
 
     args = [*(f"{key.replace('__', '.')}={_value(v)}" for key, v in settings.items()), *overrides]
     try:
         return compose_config(args)
     except Exception as err:  # Hydra's errors, as the CLI words them
-        raise ConfigError(_explain_compose_error(err, args)) from None
+        raise ConfigError(explain_compose_error(err, args)) from None
 
 
 def _value(v) -> str:

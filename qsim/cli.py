@@ -149,7 +149,7 @@ def _job_variants(overrides: list[str]) -> list[list[str]]:
     return variants
 
 
-def _explain_compose_error(err: Exception, overrides: list[str]) -> str:
+def explain_compose_error(err: Exception, overrides: list[str]) -> str:
     from hydra.errors import MissingConfigException
 
     from .config import CONF_DIR, group_choices
@@ -193,7 +193,7 @@ def preflight_overrides(overrides: list[str]) -> int:
             try:
                 cfg = compose(config_name="config", overrides=variant)
             except Exception as err:
-                fail(_explain_compose_error(err, variant))
+                fail(explain_compose_error(err, variant))
             try:
                 preflight(cfg)
             except (ConfigError, data.DataError) as err:

@@ -527,7 +527,7 @@ def format_table() -> list[dict]:
         rows.append({
             "name": name,
             "kind": fmt.kind,
-            "bits": _bits(fmt),
+            "bits": element_bits(fmt),
             "max": fmt.max,
             "min_subnormal": fmt.min_subnormal,
             "values": fmt.num_values,
@@ -536,7 +536,7 @@ def format_table() -> list[dict]:
     return rows
 
 
-def _bits(fmt: Format) -> int:
+def element_bits(fmt: Format) -> int:
     if isinstance(fmt, IntFormat):
         return fmt.bits
     if isinstance(fmt, FloatFormat):

@@ -48,7 +48,7 @@ from functools import cached_property
 import torch
 from torch import nn
 
-from .formats import CastFormat, IntFormat, _bits, get_format, round_integer
+from .formats import CastFormat, IntFormat, element_bits, get_format, round_integer
 
 GRANULARITIES = ("tensor", "channel", "token", "block")
 _LARGE = 1 << 16  # elements: above this, reductions avoid an |x| temporary
@@ -71,7 +71,7 @@ class ScaledFormat:
     def bits_per_element(self) -> float:
         """Element bits plus the 8-bit block scale shared by `block` elements
         (NVFP4's one fp32 scale per tensor or token is not counted)."""
-        return _bits(get_format(self.element)) + 8 / self.block
+        return element_bits(get_format(self.element)) + 8 / self.block
 
     def spec_fields(self) -> dict:
         fields = dict(granularity="block", block=self.block, scale_dtype=self.scale_dtype, scale_format=None, symmetric=True)
@@ -271,13 +271,13 @@ def _fake_quantize(x: torch.Tensor, spec: QuantSpec, amax: torch.Tensor | None, 
     if spec.mode == "static" and amax is None:
         raise RuntimeError("static quantizer has no calibrated amax; run a calibrator first")
     if spec.scale_dtype == "e4m3":  # block amaxes from the blocks; the global amax static or from them
-        lo, hi = _dynamic_range(view, spec)
+        lo, hi = dynamic_range(view, spec)
         global_amax = _global_amax(hi, spec, amax)
     elif spec.mode == "static":
-        lo, hi = _static_range(amax, view, spec)
+        lo, hi = static_range(amax, view, spec)
     else:
-        lo, hi = _dynamic_range(view, spec)
-    q, inside = _quantize_view(view, lo, hi, spec, fmt, want_mask=want_mask, global_amax=global_amax)
+        lo, hi = dynamic_range(view, spec)
+    q, inside = quantize_view(view, lo, hi, spec, fmt, want_mask=want_mask, global_amax=global_amax)
     q = restore(q).to(x.dtype)
     return q, (restore(inside) if want_mask else None)
 
@@ -354,7 +354,7 @@ def _blocked_view(x: torch.Tensor, spec: QuantSpec):
     return blocks, restore
 
 
-def _dynamic_range(view: torch.Tensor, spec: QuantSpec):
+def dynamic_range(view: torch.Tensor, spec: QuantSpec):
     dims = _reduce_dims(view, spec)
     if spec.symmetric:
         n = view.shape[-1]
@@ -376,7 +376,7 @@ def _dynamic_range(view: torch.Tensor, spec: QuantSpec):
     return view.amin(dim=dims, keepdim=True).float(), view.amax(dim=dims, keepdim=True).float()
 
 
-def _static_range(amax: torch.Tensor, view: torch.Tensor, spec: QuantSpec):
+def static_range(amax: torch.Tensor, view: torch.Tensor, spec: QuantSpec):
     if spec.granularity == "tensor" or amax.dim() == 0:
         a = amax.reshape(())
     elif spec.granularity == "channel":
@@ -407,7 +407,7 @@ E4M3 = get_format("e4m3")  # NVFP4's block scales (max 448)
 
 def _scale_from_amax(amax: torch.Tensor, fmt, spec: QuantSpec, global_amax: torch.Tensor | None = None) -> torch.Tensor:
     """Scales of blocks with these amaxes. A NaN amax gives a NaN scale; an all-zero block gets
-    the smallest scale (fp32, bf16: 0 / scale = 0) or a scale of 0 (two-level: see _quantize_view)."""
+    the smallest scale (fp32, bf16: 0 / scale = 0) or a scale of 0 (two-level: see quantize_view)."""
     if spec.scale_dtype == "e8m0":
         return _e8m0_scale(amax, fmt, spec.scale_rule)
     if spec.scale_dtype == "e4m3":
@@ -460,7 +460,7 @@ def _power_of_two(exponent: torch.Tensor) -> torch.Tensor:
     return torch.ldexp(torch.ones(exponent.shape, dtype=torch.float32, device=exponent.device), exponent)
 
 
-def _quantize_view(view, lo, hi, spec: QuantSpec, fmt, want_mask: bool, global_amax=None):
+def quantize_view(view, lo, hi, spec: QuantSpec, fmt, want_mask: bool, global_amax=None):
     xf = view.float()
     if lo is None:  # symmetric
         scale = _scale_from_amax(hi, fmt, spec, global_amax)

@@ -49,7 +49,7 @@ RECIPE_CHANGED = "identity recipe changed"
 
 
 @functools.lru_cache(maxsize=1)
-def _schema_defaults() -> dict:
+def schema_defaults() -> dict:
     """Every section's dataclass defaults (the group sections too, whose own default is MISSING)."""
     import dataclasses
     import typing
@@ -103,7 +103,7 @@ def _sha(payload) -> str:
 
 def config_changes(resolved: dict) -> dict:
     """The resolved config's values that differ from the schema's defaults: the config as asked for."""
-    return _drop_defaults(resolved, _schema_defaults())
+    return _drop_defaults(resolved, schema_defaults())
 
 
 def config_hash(resolved: dict) -> str:
@@ -128,7 +128,7 @@ def identity_fields(resolved: dict, data: dict) -> dict:
 def resolve_now(changes: dict) -> dict:
     """The resolved config that `changes` (config_changes of some run) gives under today's
     schema and defaults; raises KeyError if a key no longer exists."""
-    return _overlay(_schema_defaults(), changes)
+    return _overlay(schema_defaults(), changes)
 
 
 def _overlay(defaults: dict, changes: dict, path: tuple = ()) -> dict:

@@ -42,7 +42,7 @@ class Bar:
             self.progress.update(self.task, advance=n, info=info)
 
 
-def _progress(enabled: bool) -> Progress:
+def progress_display(enabled: bool) -> Progress:
     return Progress(
         SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
@@ -188,7 +188,7 @@ def run(cfg, out_dir: Path) -> dict:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own bars cover loading
-    with _progress(cfg.progress) as progress:
+    with progress_display(cfg.progress) as progress:
         with phase("load"):
             task = progress.add_task(f"load {cfg.model.name}", total=None, info="")
             lm = load_model(cfg.model, progress=lambda msg: progress.update(task, info=msg))

@@ -201,11 +201,11 @@ def cmd_sensitivity(args: list[str]) -> None:
     from rich.table import Table
 
     from . import data
-    from .cli import _explain_compose_error, fail
+    from .cli import explain_compose_error, fail
     from .config import ConfigError, compose_config
     from .models import ModelLoadError, load_model
     from .results import versions, write_json_atomic
-    from .run import Bar, _progress, calibrate, preflight, run_identity
+    from .run import Bar, progress_display, calibrate, preflight, run_identity
     from .surgery import SurgeryError, quantize_model
 
     out_dir = None
@@ -217,7 +217,7 @@ def cmd_sensitivity(args: list[str]) -> None:
     try:
         cfg = compose_config(args)
     except Exception as err:
-        fail(_explain_compose_error(err, args))
+        fail(explain_compose_error(err, args))
     try:
         plan = preflight(cfg, evaluates=False)
         if cfg.sensitivity.windows < 1 or cfg.sensitivity.top < 1:
@@ -235,7 +235,7 @@ def cmd_sensitivity(args: list[str]) -> None:
     torch.manual_seed(cfg.seed)
     t0 = time.time()
     try:
-        with _progress(cfg.progress) as progress:
+        with progress_display(cfg.progress) as progress:
             lm = load_model(cfg.model)
             quantize_model(lm.model, plan)
             facts = calibrate(lm.model, lm.tokenizer, cfg, progress)

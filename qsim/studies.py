@@ -26,14 +26,14 @@ SCALE_BITS = {"bf16": 16, "fp32": 32, "e8m0": 8, "e4m3": 8}
 def spec_bits(spec) -> float:
     """Bits per element of a QuantSpec: the element's, plus a block scale's bits shared by the block (MX 4.25,
     NVFP4 4.5, ABFP with bf16 scales 4 + 16/n). A scale per channel, token or tensor is not counted."""
-    from .formats import _bits as format_bits, get_format
+    from .formats import element_bits, get_format
     from .quantizer import SCALED_FORMATS
 
     if spec.is_identity:
         return 32.0
     if spec.format in SCALED_FORMATS:
         return SCALED_FORMATS[spec.format].bits_per_element
-    return format_bits(get_format(spec.format)) + (SCALE_BITS[spec.scale_dtype] / spec.block if spec.granularity == "block" else 0.0)
+    return element_bits(get_format(spec.format)) + (SCALE_BITS[spec.scale_dtype] / spec.block if spec.granularity == "block" else 0.0)
 
 
 @dataclass(frozen=True)

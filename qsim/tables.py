@@ -265,9 +265,9 @@ def _experiment_parts() -> tuple[list[tuple[str, dict]], dict["Column", dict]]:
 
 @functools.lru_cache(maxsize=1)
 def _schema_flat() -> dict:
-    from .results import _schema_defaults
+    from .results import schema_defaults
 
-    return _flat(_schema_defaults())
+    return _flat(schema_defaults())
 
 
 def cell_standard(config: dict, column: "Column") -> dict:

@@ -145,7 +145,7 @@ def test_mse_stage_calibrates_every_activation_quantizer_on_its_own_format():
 def test_calibration_passes_stop_before_an_unquantized_head(head_quantized):
     """The LM head is skipped by default: calibration passes never run it (it is ~20% of the forward),
     and the observed statistics are unchanged; a quantized head is still run and observed."""
-    from qsim.methods.mse import float_passes
+    from qsim.capture import float_passes
 
     lm = _tiny(post_ln=False)
     skip = "quant.skip=[]" if head_quantized else "quant.skip=[lm_head]"

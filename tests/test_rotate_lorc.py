@@ -13,7 +13,7 @@ import torch
 from conftest import cfg
 from qsim.config import ConfigError, validate
 from qsim.methods import METHODS, StageContext
-from qsim.methods.rotate import Hadamard, _inner_hadamard, hadamard_split, layout, paley, rotation
+from qsim.methods.rotate import Hadamard, inner_hadamard, hadamard_split, layout, paley, rotation
 from qsim.run import build_plan
 from qsim.surgery import SurgeryError, quantization_disabled, quantize_model, quantized_layers, restore_model
 
@@ -32,7 +32,7 @@ def test_paley_matrices_are_hadamard(order, construction):
 
 
 def test_kronecker_of_two_paley_matrices():
-    h, name = _inner_hadamard(144)  # no Paley matrix of order 144 (143 and 71 do not qualify)
+    h, name = inner_hadamard(144)  # no Paley matrix of order 144 (143 and 71 do not qualify)
     assert name == "Paley I (q=3) x Paley II (q=17)"
     assert torch.equal(h @ h.t(), 144 * torch.eye(144, dtype=torch.float64))
     assert paley(52) is None and hadamard_split(52) is None and hadamard_split(9) is None

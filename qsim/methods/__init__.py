@@ -27,8 +27,7 @@ from typing import Any, Callable
 METHODS: dict[str, "Method"] = {}
 
 
-class StopForward(Exception):
-    """Raised by a hook once a calibration pass has seen all it needs; the caller catches it."""
+from ..capture import StopForward  # noqa: E402,F401  (re-exported: stages raise it from hooks)
 
 
 class MethodError(RuntimeError):

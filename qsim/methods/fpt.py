@@ -28,7 +28,7 @@ from ..quantizer import QuantSpec, fake_quantize
 from ..surgery import QuantLinear, quantization_disabled, quantized_layers
 from . import Method, register
 from .mofq import candidates_for
-from .mse import model_device
+from ..capture import model_device
 
 
 def _tensor_static(spec: QuantSpec) -> QuantSpec:

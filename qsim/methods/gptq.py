@@ -42,9 +42,10 @@ from torch import nn
 
 from ..config import ConfigError
 from ..formats import IntFormat
-from ..quantizer import GRANULARITIES, QuantSpec, _dynamic_range, _quantize_view, _static_range
+from ..quantizer import GRANULARITIES, QuantSpec, dynamic_range, quantize_view, static_range
 from ..surgery import QuantHFConv1D, QuantLinear, compact_names, is_quantized_layer, role_specs
-from . import METHODS, Method, MethodError, StopForward, register
+from ..capture import StopForward, one_thread
+from . import METHODS, Method, MethodError, register
 
 # ---------------------------------------------------------------- the grid, column by column
 
@@ -75,14 +76,14 @@ class WeightGrid:
     def fit(self, columns: torch.Tensor):
         """The range (lo, hi) of the rows of `columns` [rows, k]; lo None = symmetric."""
         if self.amax is not None:
-            return _static_range(self.amax, columns, replace(self.spec, axis=0))
+            return static_range(self.amax, columns, replace(self.spec, axis=0))
         if self.per_tensor:
-            return _dynamic_range(columns, replace(self.spec, granularity="tensor"))
-        return _dynamic_range(columns, replace(self.spec, granularity="token", axis=-1))
+            return dynamic_range(columns, replace(self.spec, granularity="tensor"))
+        return dynamic_range(columns, replace(self.spec, granularity="token", axis=-1))
 
     def quantize(self, column: torch.Tensor, params) -> torch.Tensor:
         lo, hi = params
-        q, _ = _quantize_view(column.unsqueeze(1), lo, hi, self.spec, self.spec.fmt, want_mask=False)
+        q, _ = quantize_view(column.unsqueeze(1), lo, hi, self.spec, self.spec.fmt, want_mask=False)
         return q.squeeze(1)
 
     def quantize_matrix(self, weight: torch.Tensor) -> torch.Tensor:
@@ -92,7 +93,7 @@ class WeightGrid:
         for start in range(0, weight.shape[1], step):
             cols = weight[:, start : start + step]
             lo, hi = self.fit(cols)
-            out[:, start : start + step], _ = _quantize_view(cols, lo, hi, self.spec, self.spec.fmt, want_mask=False)
+            out[:, start : start + step], _ = quantize_view(cols, lo, hi, self.spec, self.spec.fmt, want_mask=False)
         return out
 
 
@@ -126,7 +127,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: WeightGrid,
                   damp: float = 0.01, act_order: bool = False) -> GPTQResult:
     """Quantize `weight` [rows, cols] column by column on `grid`, feeding each
     column's error forward with the inverse Hessian of the inputs [cols, cols]."""
-    with _one_thread():
+    with one_thread():
         return _gptq(weight, hessian, grid, block_size, damp, act_order)
 
 
@@ -151,18 +152,6 @@ def _gptq(weight, hessian, grid, block_size, damp, act_order) -> GPTQResult:
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]
     return GPTQResult(Q.to(weight.dtype), damp_used, int(dead.sum()))
-
-
-class _one_thread:
-    """GPTQ is thousands of small ops and a few LAPACK calls on small matrices:
-    on a busy machine a thread pool costs 2-10x more than it saves."""
-
-    def __enter__(self):
-        self.saved = torch.get_num_threads()
-        torch.set_num_threads(1)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.saved)
 
 
 def _column_loop(W, Hinv, Q, grid, block_size, params, static_groups, perm):

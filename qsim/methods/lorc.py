@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
-from ..formats import CastFormat, UnknownFormat, _bits, get_format
+from ..formats import CastFormat, UnknownFormat, element_bits, get_format
 from ..quantizer import QuantSpec, fake_quantize
 from ..surgery import quantized_layers
 from . import Method, register
@@ -49,7 +49,7 @@ def store(factor: torch.Tensor, fmt_name: str) -> torch.Tensor:
 def added_bits(out: int, inp: int, rank: int, fmt_name: str) -> int:
     fmt = get_format(fmt_name)
     scales = 0 if isinstance(fmt, CastFormat) else (out + rank) * SCALE_BITS
-    return rank * (out + inp) * _bits(fmt) + scales
+    return rank * (out + inp) * element_bits(fmt) + scales
 
 
 def _as_matrix(layer: nn.Module, w: torch.Tensor) -> torch.Tensor:
@@ -59,7 +59,7 @@ def _as_matrix(layer: nn.Module, w: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def apply(ctx):
-    model, calib, cfg, bar = ctx.model, ctx.calib, ctx.cfg, ctx.bar
+    model, cfg, bar = ctx.model, ctx.cfg, ctx.bar
     rank, fmt = cfg.lorc.rank, cfg.lorc.format
     layers = [(n, m) for n, m in quantized_layers(model) if m.weight.dim() == 2]
     if bar is not None:

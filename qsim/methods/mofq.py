@@ -22,18 +22,18 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError
-from ..formats import CastFormat, _bits, get_format
+from ..formats import CastFormat, element_bits, get_format
 from ..quantizer import QuantSpec, fake_quantize
 from ..surgery import QuantHFConv1D, QuantLinear, quantized_layers
+from ..capture import float_passes
 from . import Method, register
-from .mse import float_passes
 
 METRICS = ("mse", "output")
 STATIC_STAGES = ("mse", "rptq")  # stages that calibrate one static range for the configured format
 
 
 def format_bits(name: str) -> int:
-    return _bits(get_format(name))
+    return element_bits(get_format(name))
 
 
 def candidates_for(fmt_name: str, candidates) -> list[str]:

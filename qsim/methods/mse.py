@@ -36,8 +36,9 @@ import torch
 
 from ..config import ConfigError
 from ..quantizer import QuantSpec, Quantizer, SameInputCache, fake_quantize
-from ..surgery import attention_quantizers, compact_names, quantization_disabled, quantized_layers, role_specs
-from . import Method, MethodError, StopForward, register
+from ..capture import float_passes
+from ..surgery import attention_quantizers, compact_names, quantized_layers, role_specs
+from . import Method, MethodError, register
 
 CALIBRATORS = ("mse", "max", "percentile", "entropy")
 
@@ -224,44 +225,6 @@ def choose_amax(hist: AbsHistogram, spec: QuantSpec, mse_cfg) -> float:
 
 
 # ---------------------------------------------------------------- float passes
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _unobserved_head(model: torch.nn.Module) -> torch.nn.Module | None:
-    """The output head (LM head) when no quantizer sits in it: calibration passes stop at its input.
-    The LM head is ~20% of SmolLM2's forward; nothing after it is observed."""
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    if head is None or any(isinstance(m, Quantizer) for m in head.modules()):
-        return None
-    return head
-
-
-@torch.no_grad()
-def float_passes(model: torch.nn.Module, calib: torch.Tensor, bar, info: str = "") -> None:
-    """Run each calibration window through the float model (every quantizer off;
-    quantizer observers still see their input), up to an unquantized output head."""
-    device = model_device(model)
-    bar.start(len(calib))
-    head = _unobserved_head(model)
-
-    def stop(_module, _args):
-        raise StopForward
-
-    handle = head.register_forward_pre_hook(stop) if head is not None else None
-    try:
-        with quantization_disabled(model):
-            for window in calib:
-                try:
-                    model(window[None].to(device), use_cache=False)
-                except StopForward:
-                    pass
-                bar.advance(1, info)
-    finally:
-        if handle is not None:
-            handle.remove()
 
 
 def activation_quantizers(model: torch.nn.Module) -> list[tuple[str, Quantizer]]:

@@ -68,7 +68,7 @@ from ..config import ConfigError
 from ..quantizer import SameInputCache
 from ..surgery import SurgeryError, attention_quantizers, is_quantized_layer
 from . import Method, register
-from .gptq import _one_thread
+from ..capture import one_thread
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
 RESIDUAL_KINDS = ("hadamard", "random", "online", "none")
@@ -106,7 +106,7 @@ def paley(order: int) -> tuple[torch.Tensor, str] | None:
     return None
 
 
-def _inner_hadamard(k: int) -> tuple[torch.Tensor, str] | None:
+def inner_hadamard(k: int) -> tuple[torch.Tensor, str] | None:
     """Paley of order k, or the Kronecker product of two Paley matrices."""
     found = paley(k)
     if found is not None:
@@ -127,7 +127,7 @@ def hadamard_split(n: int) -> tuple[int, int, torch.Tensor | None, str] | None:
         outer, k = 1 << m, n >> m
         if k == 1:
             return outer, 1, None, f"Sylvester {outer}"
-        inner = _inner_hadamard(k)
+        inner = inner_hadamard(k)
         if inner is not None:
             return outer, k, inner[0], f"Sylvester {outer} x {inner[1]} {k}"
     return None
@@ -486,8 +486,8 @@ def rotate_model(model: nn.Module, rc, bar=None) -> dict:
 
 
 def apply(ctx):
-    model, calib, cfg, bar = ctx.model, ctx.calib, ctx.cfg, ctx.bar
-    with _one_thread():  # thousands of small ops: a thread pool costs more than it saves (as in GPTQ)
+    model, cfg, bar = ctx.model, ctx.cfg, ctx.bar
+    with one_thread():  # thousands of small ops: a thread pool costs more than it saves (as in GPTQ)
         return rotate_model(model, cfg.rotate, bar)
 
 

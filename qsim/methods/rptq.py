@@ -40,9 +40,8 @@ from ..config import ConfigError
 from ..formats import IntFormat
 from ..quantizer import QuantSpec, Quantizer, SameInputCache, fake_quantize
 from ..surgery import compact_names, quantized_layers, role_specs
+from ..capture import features_last, float_passes, trace_ids, trace_input_groups
 from . import Method, MethodError, register
-from .mse import float_passes
-from .smoothquant import features_last, trace_ids, trace_input_groups
 
 
 # ---------------------------------------------------------------- k-means

@@ -28,15 +28,13 @@ can be smoothed is an error.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
 
 from ..config import ConfigError
-from ..surgery import QuantMultiheadAttention, compact_names, quantization_disabled, quantized_layers
+from ..surgery import compact_names, quantization_disabled, quantized_layers
+from ..capture import InputGroup, features_last, float_passes, model_device, smoothable, trace_ids, trace_input_groups
 from . import Method, MethodError, register
-from .mse import float_passes, model_device
 
 SCOPES = ("norm", "all")
 # Relative change of the logits that still counts as exact. The check folds
@@ -47,85 +45,6 @@ FOLD_TOLERANCE = 1e-3
 
 
 # ---------------------------------------------------------------- who reads what
-
-@dataclass
-class InputGroup:
-    """Linears that read one tensor, and the norm that produced it (if any)."""
-
-    layers: list[str]
-    norm: str | None = None
-    foldable: bool = False
-    modules: list[nn.Module] = field(default_factory=list, repr=False)
-
-
-def is_norm(module: nn.Module) -> bool:
-    w = getattr(module, "weight", None)
-    return "norm" in type(module).__name__.lower() and isinstance(w, nn.Parameter) and w.dim() == 1
-
-
-def features_last(module: nn.Module) -> bool:
-    """Quantized layers whose input has its features on the last axis (not convolutions)."""
-    return module.input_axis == -1
-
-
-def smoothable(module: nn.Module) -> bool:
-    """Features-last layers with one input: nn.MultiheadAttention's one in-projection weight
-    serves query, key and value, which an input scale cannot divide consistently."""
-    return features_last(module) and not isinstance(module, QuantMultiheadAttention)
-
-
-def _storage_key(t: torch.Tensor):
-    return (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
-
-
-@torch.no_grad()
-def trace_input_groups(model: nn.Module, ids: torch.Tensor) -> list[InputGroup]:
-    """One float forward: group the linears by the tensor they read, and name
-    the norm that produced it. Views of a norm's output (a reshape) count as
-    its output. Every traced tensor is held until the end, so no freed storage
-    is reused and mistaken for another."""
-    norm_of: dict = {}
-    first_key: dict[str, tuple] = {}
-    held = []
-    handles = []
-    modules = dict(model.named_modules())
-
-    def norm_hook(name):
-        def hook(_m, _args, out):
-            if isinstance(out, torch.Tensor):
-                held.append(out)
-                norm_of.setdefault(_storage_key(out), name)
-        return hook
-
-    def layer_hook(name):
-        def hook(_m, args, kwargs):
-            x = args[0] if args else kwargs.get("input", kwargs.get("query"))
-            if isinstance(x, torch.Tensor) and name not in first_key:
-                held.append(x)
-                first_key[name] = _storage_key(x)
-        return hook
-
-    try:
-        for name, m in modules.items():
-            if is_norm(m):
-                handles.append(m.register_forward_hook(norm_hook(name)))
-        for name, m in quantized_layers(model):
-            if features_last(m):
-                handles.append(m.register_forward_pre_hook(layer_hook(name), with_kwargs=True, prepend=True))
-        with quantization_disabled(model):
-            model(ids.to(model_device(model)), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    by_key: dict[tuple, list[str]] = {}
-    for name, key in first_key.items():
-        by_key.setdefault(key, []).append(name)
-    groups = []
-    for key, names in by_key.items():
-        g = InputGroup(layers=names, norm=norm_of.get(key))
-        g.modules = [modules[n] for n in names]
-        groups.append(g)
-    return groups
 
 
 def _logits(model, ids):
@@ -255,10 +174,6 @@ def collect_act_max(model: nn.Module, groups: list[InputGroup], calib: torch.Ten
         for h in handles:
             h.remove()
     return maxes
-
-
-def trace_ids(calib: torch.Tensor, length: int = 32) -> torch.Tensor:
-    return calib[:1, : min(length, calib.shape[1])]
 
 
 NOT_SMOOTHED = {
