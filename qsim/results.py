@@ -271,6 +271,14 @@ def load_results(root: Path, pattern: str = RESULT_FILE) -> list[dict]:
     return out
 
 
+def load_all_results(root: Path | str) -> list[dict]:
+    """Every run's result under root: result.json files and the published entries
+    (results/published/<id>.json, the same result with the commit that made it)."""
+    published = [r for r in load_results(root, "*.json")
+                 if Path(r["_path"]).parent.name == "published" and Path(r["_path"]).name != RESULT_FILE]
+    return load_results(root) + published
+
+
 def load(root: Path | str = "results"):
     """Every result under `root` (result.json files, and results/published/<id>.json) as a pandas
     DataFrame, one row per run: task, metric, value, model, formats, method, windows, freshness
@@ -279,9 +287,7 @@ def load(root: Path | str = "results"):
     import pandas as pd
 
     rows = []
-    published = [r for r in load_results(root, "*.json")
-                 if Path(r["_path"]).parent.name == "published" and Path(r["_path"]).name != RESULT_FILE]
-    for r in load_results(root) + published:
+    for r in load_all_results(root):
         if "value" not in r or "config" not in r:
             continue
         reason = stale_reason(r)

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from .results import NON_SEMANTIC, load_results, stale_reason
+from .results import ADDED_KEYS, NON_SEMANTIC, load_all_results, stale_reason
 
 # results/paper/ and conf/, beside the code (symlinks in a checkout, package data in a wheel)
 PAPER_CSV = Path(__file__).resolve().parent / "paper" / "int_fp_qsim_tables.csv"
@@ -126,14 +126,15 @@ class Row:
     @property
     def is_paper_eval(self) -> bool:
         if self.task not in PERPLEXITY_TASKS:
-            return (self.checkpoint, self.split, self.windows, self.variant) == ("base", TASK_SPLITS.get(self.task), None, ())
+            return (self.checkpoint, self.split, self.windows, self.variant) == ("base", TASK_SPLITS.get(self.task, "validation"), None, ())
         return all(getattr(self, k) == v for k, v in PAPER_EVAL.items())
 
     @property
     def label(self) -> str:
-        name = PRETTY_MODELS.get(self.model, self.model) if self.is_paper_eval else self.model
+        paper_row = self.is_paper_eval and (self.task in PERPLEXITY_TASKS or self.model in PRETTY_MODELS)
+        name = PRETTY_MODELS.get(self.model, self.model) if paper_row else self.model
         text = f"{name} ({self.seq_len})" if self.seq_len else name
-        if self.is_paper_eval:
+        if paper_row:
             return text
         unit = "window" if self.task in PERPLEXITY_TASKS else "sample"
         extent = f"all {unit}s" if not self.windows else f"{self.windows} {unit}{'s' * (self.windows != 1)}"
@@ -310,6 +311,8 @@ def variant(config: dict, column: "Column", calibrated: bool, causal: bool = Tru
     """"key=value" for every value of the resolved `config` that can change the number and differs
     from the definition of the cell it would fill (cell_standard); () when it is that cell."""
     flat = _flat(config)
+    for path, default in ADDED_KEYS.items():  # a result made before a key existed ran at its default
+        flat.setdefault(".".join(path), default)
     standard = cell_standard(config, column)
     steps = list(flat.get("method.steps") or [])
     skip = ROW_KEYS | COLUMN_KEYS | PRESET_NAMES | {".".join(k) for k in NON_SEMANTIC}
@@ -451,7 +454,7 @@ def build_table(table_id: str, paper: list[PaperCell], indexed: dict) -> Table:
 # ------------------------------------------------------------ rendering
 
 def _num(x: float) -> str:
-    return f"{x:.2f}"
+    return f"{x:.4f}" if abs(x) < 1 else f"{x:.2f}"  # accuracies and correlations as fractions
 
 
 def cell_text(cell: Cell, footnote: int | None) -> str:
@@ -558,7 +561,7 @@ def build_all(results_root: Path, out_dir: Path) -> list[str] | None:
     """Render every table and figure; returns one line per output, or None if there are no results."""
     from .plots import FIGURES, render_figure
 
-    loaded = load_results(results_root)
+    loaded = load_all_results(results_root)
     if not loaded:
         return None
     results, stale = [], Counter()

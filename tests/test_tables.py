@@ -278,3 +278,24 @@ def test_table2_offline_end_to_end_on_smollm2(tmp_path):
     assert pinned(values["none"], 58.37251361937298) and pinned(values["abfp"], 541.9830897758006), values
     assert (fp32, e1m2) == (f"{values['none']:.2f} / -", f"{values['abfp']:.2f} / -")
     assert table_line(md, "OPT 125M (1024)") == ["missing / 25.94", "missing / 33.14", "missing / 37.59", "missing / 33.12"]
+
+
+def _as_task(root: Path, name: str, result: dict, task: str, metric: str, samples: int, available: int) -> None:
+    result.update(task=task, metric=metric)
+    result["eval"] = {"value": result["value"], "samples": samples, "samples_available": available, "split": "validation"}
+    write_json_atomic(root / "runs" / name / "result.json", result)
+
+
+def test_table_x_task_cells_match_on_task_and_extent_not_windows(tmp_path):
+    """BERT's SQuAD F1 on the whole dev set fills its paper cell; 100 questions get their own
+    row, labelled with task, metric and extent; a sentence encoder's STS-B its own row."""
+    root = tmp_path / "results"
+    _as_task(root, "bert", put_result(root, "bert", value=86.0, row="bert-base", col="w4a8-abfp"), "squad", "f1", 10570, 10570)
+    _as_task(root, "part", put_result(root, "part", value=80.0, row="bert-base", col="fp32", overrides=["task.max_samples=100"]),
+             "squad", "f1", 100, 10570)
+    _as_task(root, "sts", put_result(root, "sts", value=0.8673, row="minilm-stsb", col="fp32"), "stsb", "spearman", 1500, 1500)
+    build_all(root, root / "tables")
+    x = (root / "tables" / "table10.md").read_text()
+    assert table_line(x, "BERT-base") == ["missing / 86.81", "missing / 83.57", "86.00 / 86.12 (-0.12)"]
+    assert table_line(x, "bert-base [squad F1, validation, 100 samples]") == ["80.00 / -", "missing / -", "missing / -"]
+    assert table_line(x, "minilm [stsb Spearman, validation, all samples]") == ["0.8673 / -", "missing / -", "missing / -"]
