@@ -274,6 +274,7 @@ ABFP_ROWS = ["smollm2-w4a8-abfp", "smollm2-w4a8-abfp128", "smollm2-w4-ae4m3-abfp
 ROTATION_ROWS = ["smollm2-w4a16-rtn", "smollm2-w4a16-gptq", "smollm2-w4a16-gptq-lorc",
                  "smollm2-w4a8-rtn", "smollm2-w4a8-rotate-gptq-online",
                  "smollm2-w4a4-rtn", "smollm2-w4a4-rotate-gptq-online", "smollm2-w4a4-abfp", "smollm2-w4a4-rotate-abfp", "smollm2-w4a4-rotate-abfp-online",
+                 "smollm2-a4-abfp", "smollm2-a4-rotate-abfp-online", "smollm2-w4-abfp", "smollm2-w4-rotate-abfp-online",
                  "smollm2-e2m1-abfp", "smollm2-e2m1-rotate-abfp", "smollm2-e2m1-rotate-abfp-online"]
 
 
