@@ -149,5 +149,12 @@ def test_every_preset_the_readme_lists_exists_composes_and_validates(group):
     listed = _readme_choices(group) | (_readme_recovery_methods() if group == "method" else set())
     assert listed == presets, f"README lists {sorted(listed - presets)} not in conf/{group}/; " \
                               f"conf/{group}/ has {sorted(presets - listed)} the README does not list"
+    scored_by = {"causal-lm": "wikitext2", "code-lm": "humaneval", "qa-encoder": "squad", "sentence-encoder": "stsb",
+                 "seq-classifier": "sst2", "image-classifier": "imagenet"}  # a task each family is scored on
     for name in sorted(presets):
-        validate(cfg(f"{group}={name}"))
+        c = cfg(f"{group}={name}")
+        if group == "model":
+            from qsim.models import family_of
+
+            c = cfg(f"model={name}", f"task={scored_by[family_of(c.model)]}")
+        validate(c)
