@@ -92,7 +92,7 @@ def _evaluate(lm, cfg, progress=None) -> dict:
         passed += ok
         tokens += n_prompt + n_new
         generated += n_new
-        outcomes.append({"task_id": p["task_id"], "passed": ok, "error": why})
+        outcomes.append({"task_id": p["task_id"], "passed": ok, "error": why, "completion": completion})
         if progress is not None:
             progress.advance(1, f"passed {passed}")
     return {"value": 100.0 * sum(pass_at_k(1, int(o["passed"]), 1) for o in outcomes) / len(chosen),
