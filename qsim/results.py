@@ -271,6 +271,12 @@ def load_results(root: Path, pattern: str = RESULT_FILE) -> list[dict]:
     return out
 
 
+def result_paths(root: Path | str):
+    """Every run's result file under root: result.json files and the published entries."""
+    yield from Path(root).rglob(RESULT_FILE)
+    yield from (p for p in Path(root).rglob("published/*.json"))
+
+
 def load_all_results(root: Path | str) -> list[dict]:
     """Every run's result under root: result.json files and the published entries
     (results/published/<id>.json, the same result with the commit that made it)."""

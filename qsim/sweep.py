@@ -45,7 +45,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from .results import RESULT_FILE, stale_reason, why_different, write_json_atomic
+from .results import RESULT_FILE, result_paths, stale_reason, why_different, write_json_atomic
 
 log = logging.getLogger("qsim")
 
@@ -76,12 +76,13 @@ def job_identity(cfg) -> dict:
 
 
 def find_result(root: Path, job: dict) -> tuple[Path | None, list[tuple[Path, tuple[str, str]]]]:
-    """The newest complete, fresh result.json under root with the job's identity (or None), and
-    the stale results of the same config as asked for (config_hash or identity), each with why."""
+    """The newest complete, fresh result under root (a result.json, or a published entry: the
+    same result) with the job's identity (or None), and the stale results of the same config as
+    asked for (config_hash or identity), each with why."""
     ident, chash = job["identity"], job["config_hash"]
     needles = (f'"identity": "{ident}"', f'"config_hash": "{chash}"')
     fresh, stale = [], []
-    for path in Path(root).rglob(RESULT_FILE):
+    for path in result_paths(root):
         try:
             text = path.read_text()
             if not any(n in text for n in needles):  # cheap filter before parsing

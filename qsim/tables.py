@@ -453,13 +453,16 @@ def build_table(table_id: str, paper: list[PaperCell], indexed: dict) -> Table:
 
 # ------------------------------------------------------------ rendering
 
-def _num(x: float) -> str:
-    return f"{x:.4f}" if abs(x) < 1 else f"{x:.2f}"  # accuracies and correlations as fractions
+FRACTION_TASKS = ("sst2", "stsb", "lm_eval")  # values in [0, 1]: shown to 4 digits
+
+
+def _num(x: float, task: str = "wikitext2") -> str:
+    return f"{x:.4f}" if task in FRACTION_TASKS else f"{x:.2f}"
 
 
 def cell_text(cell: Cell, footnote: int | None) -> str:
     if cell.ours is not None:
-        ours = _num(cell.ours) + ("" if cell.row.causal else " \u2020") + (f" [{footnote}]" if footnote else "")
+        ours = _num(cell.ours, cell.row.task) + ("" if cell.row.causal else " \u2020") + (f" [{footnote}]" if footnote else "")
     else:
         ours = "missing" if cell.runnable else "n/a"
     if cell.paper is None:
@@ -502,7 +505,7 @@ def render_markdown(table: Table, results_root: Path) -> str:
             newest = cell.matches[0]
             out.append(f"[{i}] {cell.row.label}, {cell.column.label}: {len(cell.matches)} results match; the newest is used "
                        f"({newest.get('finished_at')}, {display_path(newest.get('_path', '?'), results_root)}); "
-                       f"others: {', '.join(_num(m['value']) for m in cell.matches[1:])}.")
+                       f"others: {', '.join(_num(m['value'], cell.row.task) for m in cell.matches[1:])}.")
     if any(not row.causal and table.cells[(row, col)].ours is not None for row in table.rows for col in table.columns):
         out += ["", CAUSAL_NOTE]
     if table.id in TABLE_NOTES:

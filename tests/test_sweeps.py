@@ -192,6 +192,20 @@ def test_a_changed_default_changes_the_identity_and_the_old_result_is_not_reused
     assert done is None and stale == [(path, ("defaults changed", "mse.candidates 50 -> 100"))]
 
 
+def test_a_published_entry_is_a_finished_result_of_its_job(tmp_path):
+    """results/published/<id>.json is the whole result.json plus its commit: a sweep job with its
+    identity is skipped (make table10-offline renders the published cells without re-running)."""
+    job = job_identity(cfg("model=tiny-opt", "format=w4a4", "method=abfp"))
+    fields = {k: job[k] for k in ("config_hash", "data", "identity")}
+    published = tmp_path / "results" / "published" / "tiny-w4a4.json"
+    write_json_atomic(published, {"value": 1.0, "config": job["config"], "config_changes": job["config_changes"],
+                                  **fields, "numerics_version": NUMERICS_VERSION,
+                                  "finished_at": "2026-01-01T10:00:00+0000", "published": {"commit": "0" * 40}})
+    write_json_atomic(tmp_path / "results" / "published" / "other.json",
+                      {"value": 2.0, "identity": "0" * 16, "config_hash": "1" * 16, "numerics_version": NUMERICS_VERSION})
+    assert find_result(tmp_path / "results", job) == (published, [])
+
+
 def test_a_changed_data_file_changes_the_identity_of_the_runs_that_read_it(tmp_path, monkeypatch):
     source = Path(os.environ["QSIM_DATA_DIR"])
     copy_dir = tmp_path / "data"

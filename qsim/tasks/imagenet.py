@@ -1,4 +1,5 @@
-"""ImageNet-1k validation (50,000 images): top-1 accuracy (higher is better), for image classifiers.
+"""ImageNet-1k validation (50,000 images): top-1 accuracy in percent, as the paper reports it
+(higher is better), for image classifiers.
 
 Online the images come from the hub (`ILSVRC/imagenet-1k`, gated: accept its terms and log
 in). Offline, QSIM_DATA_DIR/imagenet/val is an image folder: one sub-folder per class, sorted
@@ -33,8 +34,8 @@ def _evaluate(lm, cfg, progress=None) -> dict:
             predicted = lm.model(pixel_values=pixels).logits.argmax(-1).tolist()
             correct += sum(int(p == int(r["label"])) for p, r in zip(predicted, batch))
             if progress is not None:
-                progress.advance(len(batch), f"top-1 {correct / (start + len(batch)):.3f}")
-    return {"value": correct / len(chosen), "correct": correct, "samples": len(chosen), "samples_available": len(rows),
+                progress.advance(len(batch), f"top-1 {100 * correct / (start + len(batch)):.1f}%")
+    return {"value": 100.0 * correct / len(chosen), "correct": correct, "samples": len(chosen), "samples_available": len(rows),
             "split": cfg.task.split, "tokens_evaluated": None}
 
 
