@@ -196,7 +196,8 @@ def file_sha256(path: Path) -> str:
     sha256 of its files' relative paths and hashes."""
     if Path(path).is_dir():
         files = sorted(f for f in Path(path).rglob("*") if f.is_file())
-        return _sha(json.dumps([[str(f.relative_to(path)), file_sha256(f)] for f in files]).encode())
+        listing = json.dumps([[str(f.relative_to(path)), file_sha256(f)] for f in files])
+        return hashlib.sha256(listing.encode()).hexdigest()
     st = Path(path).stat()
     return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
 
@@ -208,10 +209,6 @@ def _sha256(path: str, _size: int, _mtime_ns: int) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _sha(blob: bytes) -> str:
-    return hashlib.sha256(blob).hexdigest()
 
 
 def join_text(rows: list[str]) -> str:

@@ -260,8 +260,24 @@ def versions() -> dict:
 def load_results(root: Path, pattern: str = RESULT_FILE) -> list[dict]:
     """Every complete result file under root matching `pattern` (partial files cannot exist:
     writes are atomic), each with its path as `_path`."""
+    return _read_results(sorted(Path(root).rglob(pattern)))
+
+
+def result_paths(root: Path | str):
+    """Every run's result file under root: result.json files and the published entries
+    (results/published/<id>.json, the same result with the commit that made it)."""
+    yield from sorted(Path(root).rglob(RESULT_FILE))
+    yield from sorted(p for p in Path(root).rglob("*.json") if p.parent.name == "published" and p.name != RESULT_FILE)
+
+
+def load_all_results(root: Path | str) -> list[dict]:
+    """Every run's result under root (result_paths), each with its path as `_path`."""
+    return _read_results(result_paths(root))
+
+
+def _read_results(paths) -> list[dict]:
     out = []
-    for path in sorted(Path(root).rglob(pattern)):
+    for path in paths:
         try:
             item = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
@@ -269,20 +285,6 @@ def load_results(root: Path, pattern: str = RESULT_FILE) -> list[dict]:
         item["_path"] = str(path)
         out.append(item)
     return out
-
-
-def result_paths(root: Path | str):
-    """Every run's result file under root: result.json files and the published entries."""
-    yield from Path(root).rglob(RESULT_FILE)
-    yield from (p for p in Path(root).rglob("published/*.json"))
-
-
-def load_all_results(root: Path | str) -> list[dict]:
-    """Every run's result under root: result.json files and the published entries
-    (results/published/<id>.json, the same result with the commit that made it)."""
-    published = [r for r in load_results(root, "*.json")
-                 if Path(r["_path"]).parent.name == "published" and Path(r["_path"]).name != RESULT_FILE]
-    return load_results(root) + published
 
 
 def load(root: Path | str = "results"):

@@ -94,16 +94,15 @@ def greedy_generate(model, tokenizer, prompt: str, max_new_tokens: int, stop: tu
     eos = {e for t in eos for e in (t if isinstance(t, list) else [t])}
     out = model(input_ids=ids, use_cache=True)
     new: list[int] = []
-    text = ""
     for _ in range(max_new_tokens):
         token = int(out.logits[0, -1].argmax())
         if token in eos:
             break
         new.append(token)
-        text = tokenizer.decode(new, skip_special_tokens=True)
-        if any(s in text for s in stop):
+        if stop and any(s in tokenizer.decode(new, skip_special_tokens=True) for s in stop):
             break
         out = model(input_ids=torch.tensor([[token]], device=device), cache=out.cache, use_cache=True)
+    text = tokenizer.decode(new, skip_special_tokens=True)
     cut = min([text.index(s) for s in stop if s in text], default=len(text))
     return text[:cut], ids.shape[1], len(new)
 
