@@ -86,7 +86,7 @@ def quantize(model: torch.nn.Module, format: str = "w4a8", method: str = "abfp",
     if needs_calib:
         length = cfg.calib.seq_len if calib is None else calib.shape[-1]
         check_positions(_with(cfg, "calib.seq_len", length), getattr(config, "max_position_embeddings", None),
-                        evaluates=False, model_name=type(model).__name__)
+                        reads="calib", model_name=type(model).__name__)
     torch.manual_seed(cfg.seed)
     surgery = quantize_model(model, plan)
     facts = calibrate(model, tokenizer, cfg, calib=calib)

@@ -110,13 +110,15 @@ class FptConfig:
     steps: int = 100  # max candidates, evenly over [gamma1, gamma2] x max|tensor| (plus the max itself)
     gamma1: float = 0.01
     gamma2: float = 1.2
-    preshift: bool = False  # pre-shifted per-channel exponent bias: not implemented (true is a config error)
+    preshift: bool = False  # pre-shifted per-channel exponent bias (FPT; the fpt preset turns it on); false = FPT baseline
     max_tokens: int = 4096  # calibration tokens per layer the search scores (first ones)
+    weight_granularity: str = "tensor"  # static weight max per tensor, or per output channel (the paper's; the fpt preset)
 
 
 @dataclass
 class SensitivityConfig:
-    windows: int = 4  # calibration windows (calib.dataset, calib.seq_len) the loss is measured on
+    windows: int = 4  # calibration windows (calib.dataset, calib.split, calib.seed) the loss is measured on
+    seq_len: int = 256  # tokens per window (4 x 256 on SmolLM2: under 15 minutes on 2 cores; 4 x 512 took 30)
     top: int = 10  # layers printed
     units: list[str] = field(default_factory=lambda: ["*"])  # fnmatch patterns of the layers / attention sites measured
 

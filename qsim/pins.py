@@ -224,21 +224,40 @@ def method_pin(cfg, model_name: str) -> float:
     return perplexity(model, _eval_ids(tokenizer), EVAL_SEQ_LEN, EVAL_WINDOWS, 1)["mean_nll"]
 
 
-def method_pins(presets: list[str] | None = None) -> dict[str, float]:
+def _preset_config(preset: str):
     from .config import compose_config
+
+    return compose_config(METHOD_OVERRIDES + [f"method={preset}"])
+
+
+def method_configs(presets: list[str] | None = None) -> dict[str, str]:
+    """Per method pin, a digest of the config it runs: a preset whose config changed (a new
+    default, a new key) has a new pin, not a moved one, and needs no numerics version bump."""
+    from omegaconf import OmegaConf
+
+    from .results import identity
 
     out = {}
     for preset in method_presets() if presets is None else presets:
-        cfg = compose_config(METHOD_OVERRIDES + [f"method={preset}"])
+        digest = identity(OmegaConf.to_container(_preset_config(preset), resolve=True), {}, 0)
+        out.update({f"method/{preset}/{model_name}": digest for model_name in PIN_MODELS})
+    return out
+
+
+def method_pins(presets: list[str] | None = None) -> dict[str, float]:
+    out = {}
+    for preset in method_presets() if presets is None else presets:
+        cfg = _preset_config(preset)
         for model_name in PIN_MODELS:
             out[f"method/{preset}/{model_name}"] = method_pin(cfg, model_name)
     return out
 
 
 def compute(presets: list[str] | None = None) -> dict:
-    """Every pin as it comes out of the code now: {"exact": {...}, "approx": {...}}."""
+    """Every pin as it comes out of the code now: {"exact": {...}, "approx": {...}, "approx_config": {...}}."""
     with _one_thread():
-        return {"exact": {**format_pins(), **quantizer_pins(), **accum_pins()}, "approx": method_pins(presets)}
+        return {"exact": {**format_pins(), **quantizer_pins(), **accum_pins()}, "approx": method_pins(presets),
+                "approx_config": method_configs(presets)}
 
 
 # ---------------------------------------------------------------- compare and update
@@ -248,17 +267,25 @@ def load(path: Path = PIN_FILE) -> dict | None:
 
 
 def changed(pinned: dict, now: dict) -> list[str]:
-    """Keys present in both whose value moved (exact: any difference; approx: beyond REL_TOL)."""
+    """Keys present in both whose value moved (exact: any difference; approx: beyond REL_TOL,
+    unless the pin's config changed: see `reconfigured`)."""
     out = []
+    skip = set(reconfigured(pinned, now))
     for key, value in now.get("exact", {}).items():
         old = pinned.get("exact", {}).get(key)
         if old is not None and old != value:
             out.append(f"{key}: sha256 {old[:12]}... -> {value[:12]}...")
     for key, value in now.get("approx", {}).items():
         old = pinned.get("approx", {}).get(key)
-        if old is not None and abs(value - old) > REL_TOL * abs(old):
+        if old is not None and key not in skip and abs(value - old) > REL_TOL * abs(old):
             out.append(f"{key}: {old!r} -> {value!r} (rel {abs(value - old) / abs(old):.2e})")
     return out
+
+
+def reconfigured(pinned: dict, now: dict) -> list[str]:
+    """Method pins whose preset's config digest differs between `pinned` and `now`."""
+    old, new = pinned.get("approx_config", {}), now.get("approx_config", {})
+    return sorted(k for k in new if k in old and old[k] != new[k])
 
 
 def added_and_removed(pinned: dict, now: dict) -> tuple[list[str], list[str]]:
@@ -284,9 +311,12 @@ def update(now: dict, version: int = NUMERICS_VERSION, path: Path = PIN_FILE) ->
     write_json_atomic(Path(path), {"numerics_version": version, "rel_tol": REL_TOL,
                                    "made_with": {"torch": torch.__version__, "transformers": transformers.__version__},
                                    "exact": dict(sorted(now["exact"].items())),
-                                   "approx": dict(sorted(now["approx"].items()))})
+                                   "approx": dict(sorted(now["approx"].items())),
+                                   "approx_config": dict(sorted(now.get("approx_config", {}).items()))})
     added, removed = added_and_removed(pinned or {}, now)
-    parts = [f"{len(moved)} changed", f"{len(added)} added", f"{len(removed)} removed"]
+    redone = reconfigured(pinned or {}, now)
+    parts = [f"{len(moved)} changed", f"{len(added)} added", f"{len(removed)} removed",
+             f"{len(redone)} with a new config"]
     bumped = pinned is not None and version > pinned["numerics_version"]
     note = f"; numerics version {pinned['numerics_version']} -> {version}" if bumped else ""
     return f"wrote {path}: {', '.join(parts)}{note}"
@@ -312,15 +342,18 @@ def main(argv: list[str] | None = None) -> int:
     pinned = load() or {}
     moved = changed(pinned, now)
     added, removed = added_and_removed(pinned, now)
+    redone = reconfigured(pinned, now)
     for line in moved:
         print(f"changed  {line}")
+    for key in redone:
+        print(f"config   {key} (its preset's config changed: a new pin)")
     for key in added:
         print(f"new      {key}")
     for key in removed:
         print(f"gone     {key}")
     if pinned.get("numerics_version") != NUMERICS_VERSION:
         print(f"pin file is for numerics version {pinned.get('numerics_version')}, code is {NUMERICS_VERSION}")
-    if moved or added or removed or pinned.get("numerics_version") != NUMERICS_VERSION:
+    if moved or added or removed or redone or pinned.get("numerics_version") != NUMERICS_VERSION:
         print(BUMP_HINT if moved else "run `python -m qsim.pins --update`")
         return 1
     print(f"all {len(now['exact']) + len(now['approx'])} pins match (numerics version {NUMERICS_VERSION})")

@@ -33,7 +33,8 @@ NON_SEMANTIC = {("progress",), ("model", "device_map"), ("quant", "causal")}
 # earlier result stale; any other value is part of it like every key.
 ADDED_KEYS = {("quant", "accum"): "fp32", ("quant", "accum_chunk"): None, ("task", "max_samples"): None,
               ("model", "family"): None, ("model", "arch"): "", ("task", "max_new_tokens"): 32, ("task", "stride"): 128,
-              ("task", "max_answer_tokens"): 30, ("task", "timeout"): 10.0, ("task", "tasks"): [], ("task", "include_path"): None}
+              ("task", "max_answer_tokens"): 30, ("task", "timeout"): 10.0, ("task", "tasks"): [], ("task", "include_path"): None,
+              ("fpt", "weight_granularity"): "tensor", ("sensitivity", "seq_len"): 256}
 
 # What result.json records about its identity (see `identity_fields`).
 IDENTITY_FIELDS = ("identity", "config_hash", "config_changes", "data", "numerics_version")

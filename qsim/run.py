@@ -76,9 +76,9 @@ def build_plan(cfg) -> SurgeryPlan:
     return plan
 
 
-def preflight(cfg, evaluates: bool = True) -> SurgeryPlan:
+def preflight(cfg, reads: str = "task") -> SurgeryPlan:
     """Every check that needs no weights: names, ranges, data on disk, override patterns.
-    evaluates=False: the command reads calibration windows only (qsim sensitivity), not the task's."""
+    reads: the windows the command feeds besides the calibration's (see check_positions)."""
     validate(cfg)
     calibrates = any(METHODS[s].needs_calibration for s in cfg.method.steps)
     if calibrates and family_of(cfg.model) == "image-classifier":
@@ -97,7 +97,7 @@ def preflight(cfg, evaluates: bool = True) -> SurgeryPlan:
     check_causal(plan_leaks(plan), cfg, ConfigError)
     config = model_config(cfg.model)
     if config is not None:
-        check_positions(cfg, getattr(config, "max_position_embeddings", None), evaluates)
+        check_positions(cfg, getattr(config, "max_position_embeddings", None), reads)
         if plan.overrides:
             try:
                 check_patterns(skeleton_layer_names(config, family_of(cfg.model)), plan)
@@ -106,14 +106,17 @@ def preflight(cfg, evaluates: bool = True) -> SurgeryPlan:
     return plan
 
 
-def check_positions(cfg, max_positions: int | None, evaluates: bool = True, model_name: str | None = None) -> None:
+def check_positions(cfg, max_positions: int | None, reads: str = "task", model_name: str | None = None) -> None:
     """Every window the command feeds the model fits its position table (a longer one would
-    index past it, or silently extrapolate)."""
+    index past it, or silently extrapolate). reads: "task" (qsim run: the task's windows, and the
+    calibration's if a method calibrates), "sensitivity" (its windows instead of the task's), or
+    "calib" (calibration windows only)."""
     if max_positions is None:
         return
-    lengths = {"task.seq_len": cfg.task.seq_len} if evaluates else {}
+    lengths = {"task": {"task.seq_len": cfg.task.seq_len}, "calib": {},
+               "sensitivity": {"sensitivity.seq_len": cfg.sensitivity.seq_len}}[reads]
     steps = [METHODS[s] for s in cfg.method.steps]
-    if not evaluates or any(m.needs_calibration for m in steps):
+    if reads == "calib" or any(m.needs_calibration for m in steps):
         lengths["calib.seq_len"] = cfg.calib.seq_len
     if "qat" in cfg.method.steps:
         lengths["qat.seq_len"] = cfg.qat.seq_len

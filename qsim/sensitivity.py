@@ -2,8 +2,8 @@
 site, when attention is quantized) costs on its own.
 
 The model is quantized and calibrated as `qsim run` would (format, quant, method);
-then the mean next-token loss on `sensitivity.windows` calibration windows
-(calib.dataset/split/seq_len/seed) is measured with:
+then the mean next-token loss on `sensitivity.windows` calibration windows of
+`sensitivity.seq_len` tokens (calib.dataset/split/seed) is measured with:
 - everything in float, and everything quantized (the two baselines);
 - only one unit quantized (`only`: its loss minus the float loss);
 - every unit but one quantized (`all_but`: the all-quantized loss minus this loss,
@@ -100,7 +100,7 @@ def _decoder_blocks(model):
     return best
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def mean_loss(model, windows: torch.Tensor, cache: PrefixCache | None = None) -> float:
     """Mean next-token NLL over the windows (one forward each)."""
     device = next(model.parameters()).device
@@ -219,9 +219,9 @@ def cmd_sensitivity(args: list[str]) -> None:
     except Exception as err:
         fail(explain_compose_error(err, args))
     try:
-        plan = preflight(cfg, evaluates=False)
-        if cfg.sensitivity.windows < 1 or cfg.sensitivity.top < 1:
-            raise ConfigError("sensitivity.windows and sensitivity.top must be >= 1")
+        plan = preflight(cfg, reads="sensitivity")
+        if min(cfg.sensitivity.windows, cfg.sensitivity.top, cfg.sensitivity.seq_len - 1) < 1:
+            raise ConfigError("sensitivity.windows and sensitivity.top must be >= 1, sensitivity.seq_len >= 2")
         data.check_available(cfg.calib.dataset, cfg.calib.split)
     except (ConfigError, data.DataError) as err:
         fail(str(err))
@@ -240,7 +240,8 @@ def cmd_sensitivity(args: list[str]) -> None:
             quantize_model(lm.model, plan)
             facts = calibrate(lm.model, lm.tokenizer, cfg, progress)
             c = cfg.calib
-            windows = data.calibration_windows(lm.tokenizer, c.dataset, c.split, cfg.sensitivity.windows, c.seq_len, c.seed)
+            windows = data.calibration_windows(lm.tokenizer, c.dataset, c.split, cfg.sensitivity.windows,
+                                               cfg.sensitivity.seq_len, c.seed)
             t1 = time.time()
             out = measure(lm.model, windows, Bar(progress, "sensitivity"), list(cfg.sensitivity.units))
     except (ModelLoadError, SurgeryError, data.DataError, ValueError) as err:

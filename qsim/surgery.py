@@ -104,6 +104,10 @@ class _QuantMixin:
         self.weight_quantizer = Quantizer(_weight_spec(spec.weight, out_axis, red_axis))
         self.output_quantizer = Quantizer(_act_spec(spec.output, self.input_axis))
         self.input_transform = None  # a module applied to the input before its quantizer (methods/rotate.py)
+        # Per-input-channel integer exponents s (methods/fpt.py, pre-shifted exponent bias): the input
+        # is quantized as x * 2^s and the quantized weight's input channels are multiplied by 2^-s.
+        # Powers of two are exact, so with quantization off the output is unchanged.
+        self.input_shift: torch.Tensor | None = None
         self._wq = None
         self._wq_key = None
 
@@ -112,9 +116,23 @@ class _QuantMixin:
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_transform is not None:  # e.g. an online Hadamard whose inverse is fused into the weight
             x = self.input_transform(x)
+        if self.input_shift is not None:
+            x = x * self._shift_factor(self.input_shift, x, self.input_axis)
         return self.input_quantizer(x)
 
+    def _shift_factor(self, exponents: torch.Tensor, like: torch.Tensor, axis: int) -> torch.Tensor:
+        shape = [1] * like.dim()
+        shape[axis] = -1
+        return torch.exp2(exponents.to(like.device, like.dtype)).reshape(shape)
+
     def quantized_weight(self) -> torch.Tensor:
+        w = self._quantized_weight()
+        if self.input_shift is None:
+            return w
+        return w * self._shift_factor(-self.input_shift, w, self.weight_axes[1])
+
+    def _quantized_weight(self) -> torch.Tensor:
+        """The weight on its quantizer's grid (cached), before any input shift."""
         wq = self.weight_quantizer
         if not wq.active:
             return self.weight
@@ -672,7 +690,7 @@ def freeze_quantized_weights(model: nn.Module) -> int:
         if layer.weight_quantizer.active and uses.get(id(layer.weight), 1) == 1:
             # In place: a weight memory-mapped from the safetensors cache (private, copy-on-write)
             # turns into the quantized copy page by page; a new tensor would keep both.
-            layer.weight.data.copy_(layer.quantized_weight().detach())
+            layer.weight.data.copy_(layer._quantized_weight().detach())  # an input shift stays applied per forward
             layer.weight_quantizer.enabled = False
             layer.drop_weight_cache()
             frozen += 1
@@ -684,12 +702,14 @@ def restore_model(model: nn.Module) -> None:
     for name, layer in quantized_layers(model):
         if layer.input_transform is not None:
             raise SurgeryError(f"cannot restore {name}: an input transform is fused into its weight")
+        if layer.input_shift is not None:
+            raise SurgeryError(f"cannot restore {name}: an input exponent shift (fpt.preshift) is folded into it")
     for _, module in model.named_modules():
         if is_quantized_layer(module):
             for attr in ("input_quantizer", "weight_quantizer", "output_quantizer"):
                 delattr(module, attr)
             module.__class__ = module.qsim_original_class
-            for attr in ("qsim_original_class", "_wq", "_wq_key", "_qsim_identity", "input_transform"):
+            for attr in ("qsim_original_class", "_wq", "_wq_key", "_qsim_identity", "input_transform", "input_shift"):
                 module.__dict__.pop(attr, None)
         if hasattr(module, "qsim_attn"):
             del module.qsim_attn

@@ -6,11 +6,11 @@ from conftest import cfg
 from qsim import data
 from qsim.config import ConfigError, validate
 from qsim.methods import METHODS, StageContext
-from qsim.methods.fpt import fisher_error
+from qsim.methods.fpt import channel_shifts, fisher_error
 from qsim.models import ByteTokenizer
 from qsim.pins import tiny_model
 from qsim.run import build_plan
-from qsim.surgery import quantized_layers, quantize_model
+from qsim.surgery import freeze_quantized_weights, quantization_disabled, quantized_layers, quantize_model
 
 
 class Bar:
@@ -46,18 +46,70 @@ def test_fpt_search_never_increases_the_error_and_sets_static_quantizers(one_thr
         assert all(b <= a for a, b in zip(rounds, rounds[1:]))
         for role, q in (("act", layers[name].input_quantizer), ("weight", layers[name].weight_quantizer)):
             assert entry[role]["format"] in ("e2m1", "e1m2", "e3m0")
-            assert q.spec.format == entry[role]["format"] and q.spec.mode == "static" and q.spec.granularity == "tensor"
-            assert float(q.amax) == pytest.approx(entry[role]["amax"])
+            granularity = "tensor" if role == "act" else "channel"  # the fpt preset: per-channel weights, as the paper
+            assert q.spec.format == entry[role]["format"] and q.spec.mode == "static" and q.spec.granularity == granularity
+            assert float(q.amax.max()) == pytest.approx(entry[role]["amax"]) and q.amax.numel() == (
+                1 if role == "act" else layers[name].out_features)
             formats.add(entry[role]["format"])
     with torch.no_grad():
         assert torch.isfinite(model(calib[:1]).logits).all()
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["fpt.preshift=true"], "not implemented"),
     (["fpt.candidates=[e4m3]"], "no candidate of 4 bits"),
     (["fpt.gamma1=2.0"], "gamma1 < gamma2"),
 ])
 def test_bad_fpt_values_are_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
         validate(cfg("model=tiny-opt", "format=w4a4", "method=fpt", *overrides))
+
+
+def test_channel_shifts_by_hand():
+    """Eq. 18 at the initial rho: floor(log2(M / m_j)) clipped to [0, 2^e - 1]; an all-zero channel gets the top."""
+    m = torch.tensor([8.0, 1.0, 0.3, 0.0, 5.0])
+    assert channel_shifts(m, 2).tolist() == [0, 3, 3, 3, 0]  # E2M1: up to 3
+    assert channel_shifts(m, 3).tolist() == [0, 3, 4, 7, 0]  # log2(8 / 0.3) = 4.74
+    assert channel_shifts(m, 1).tolist() == [0, 1, 1, 1, 0]
+    assert channel_shifts(m, 0).tolist() == [0, 0, 0, 0, 0]  # INT: no exponent to shift
+
+
+def _fpt_tiny_llama(*overrides):
+    model = tiny_model("tiny-llama")
+    c = cfg("format=e2m1", "method=fpt", "fpt.steps=10", "fpt.rounds=1", *overrides)
+    validate(c)
+    quantize_model(model, build_plan(c))
+    calib = data.calibration_windows(ByteTokenizer(), "ptb", "test", 2, 32, 0)
+    facts = METHODS["fpt"].apply(StageContext(model, calib, c, Bar()))
+    return model, calib, facts
+
+
+def test_preshift_folds_exactly_and_quantizes_the_shifted_input(one_thread):
+    """fpt (preset default: pre-shifted exponent bias): with quantization off the output is the
+    float model's bit for bit; on, a layer computes Q(x 2^s) (Q(W) 2^-s)^T; freezing keeps it."""
+    assert cfg("method=fpt").fpt.preshift and not cfg("method=fpt", "fpt.preshift=false").fpt.preshift
+    model, calib, facts = _fpt_tiny_llama()
+    assert facts["preshift"] and sum(facts["formats"]["act"].values()) == 14
+    shifted = {n: l for n, l in quantized_layers(model) if l.input_shift is not None}
+    assert shifted, "no layer got an exponent shift"
+    for name, layer in shifted.items():
+        shift = facts["layers"][name]["act"]["shift"]
+        assert shift["max"] == int(layer.input_shift.max()) <= 3 and shift["channels"] == int((layer.input_shift > 0).sum())
+    with torch.no_grad(), quantization_disabled(model):
+        folded = model(calib).logits
+        assert torch.equal(folded, tiny_model("tiny-llama")(calib).logits)
+    name, layer = next(iter(shifted.items()))
+    x = torch.randn(3, layer.in_features)
+    s = layer.input_shift
+    with torch.no_grad():
+        by_hand = layer.input_quantizer(x * torch.exp2(s)) @ (layer.weight_quantizer(layer.weight) * torch.exp2(-s)).T
+        assert torch.equal(layer(x), by_hand)
+        before = model(calib).logits
+        freeze_quantized_weights(model)
+        assert torch.equal(model(calib).logits, before)
+
+
+def test_fpt_baseline_sets_no_shift(one_thread):
+    model, _, facts = _fpt_tiny_llama("fpt.preshift=false")
+    assert not facts["preshift"]
+    assert all(layer.input_shift is None for _, layer in quantized_layers(model))
+    assert all("shift" not in entry["act"] for entry in facts["layers"].values())

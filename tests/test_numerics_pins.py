@@ -47,6 +47,10 @@ def test_every_method_preset_is_pinned(pinned):
 def test_method_preset_on_tiny_models_matches_its_pin(preset, pinned):
     with pins._one_thread():
         now = pins.method_pins([preset])
+    configs = pins.method_configs([preset])
+    assert set(configs) <= set(pinned["approx_config"]), "run `python -m qsim.pins --update`"
+    assert all(pinned["approx_config"][k] == v for k, v in configs.items()), (
+        f"the {preset} preset's config changed: run `python -m qsim.pins --update` (a new pin, no bump)")
     moved = pins.changed(pinned, {"approx": now})
     assert not moved, "numerics changed:\n  " + "\n  ".join(moved) + "\n" + HINT
     assert set(now) <= set(pinned["approx"]), "run `python -m qsim.pins --update`"
@@ -77,3 +81,18 @@ def test_update_refuses_a_changed_value_without_a_version_bump(tmp_path):
     assert "2 changed" in message and "numerics version 3 -> 4" in message
     saved = json.loads(path.read_text())
     assert saved["numerics_version"] == 4 and saved["exact"]["format/x"] == "bb" and saved["approx"]["method/m/tiny-opt"] == 7.5
+
+
+def test_a_preset_whose_config_changed_gets_a_new_pin_without_a_bump(tmp_path):
+    """A new value under a new config digest is a new pin; the same digest with a moved value is not."""
+    path = tmp_path / "pins.json"
+    path.write_text(json.dumps({"numerics_version": 3, "rel_tol": pins.REL_TOL, "exact": {},
+                                "approx": {"method/m/tiny-opt": 7.0}, "approx_config": {"method/m/tiny-opt": "aaaa"}}))
+    with pytest.raises(pins.PinError, match="bump NUMERICS_VERSION"):
+        pins.update({"exact": {}, "approx": {"method/m/tiny-opt": 7.5},
+                     "approx_config": {"method/m/tiny-opt": "aaaa"}}, version=3, path=path)
+    message = pins.update({"exact": {}, "approx": {"method/m/tiny-opt": 7.5},
+                           "approx_config": {"method/m/tiny-opt": "bbbb"}}, version=3, path=path)
+    assert "0 changed" in message and "1 with a new config" in message
+    saved = json.loads(path.read_text())
+    assert saved["approx"]["method/m/tiny-opt"] == 7.5 and saved["approx_config"]["method/m/tiny-opt"] == "bbbb"

@@ -1,5 +1,6 @@
 """qsim sensitivity: per-unit loss changes; a known answer on SmolLM2."""
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -66,21 +67,28 @@ def test_the_layer_made_sensitive_ranks_first_both_ways(smollm2, one_thread):
 def test_sensitivity_cli_writes_csv_png_and_top(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     run = subprocess.run([sys.executable, "-m", "qsim.cli", "sensitivity", "model=tiny-opt", "format=w4a4",
-                          "method=abfp", "calib.seq_len=32", "sensitivity.windows=2", "sensitivity.top=3",
+                          "method=abfp", "sensitivity.seq_len=32", "sensitivity.windows=2", "sensitivity.top=3",
                           "progress=false", "--out", str(tmp_path)], capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr
     rows = list(csv.DictReader(open(tmp_path / "sensitivity.csv")))
     assert len(rows) == 12 + 2  # 12 linears, 2 attention sites (abfp quantizes attention)
     assert {r["kind"] for r in rows} == {"layer", "attention"}
     assert (tmp_path / "sensitivity.png").stat().st_size > 10_000
+    saved = json.loads((tmp_path / "sensitivity.json").read_text())
+    assert (saved["windows"], saved["seq_len"]) == (2, 32)
     assert "rank" in run.stdout and run.stdout.count("model.decoder.layers.") >= 3
     bad = subprocess.run([sys.executable, "-m", "qsim.cli", "sensitivity", "model=tiny-opt", "format=w9"],
                          capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "unknown format" in bad.stderr
-    # it measures on calibration windows: their length is checked against the positions, the task's is not
-    long = subprocess.run([sys.executable, "-m", "qsim.cli", "sensitivity", "model=tiny-opt", "calib.seq_len=300"],
+    # its windows' length (and the calibration's, when the method calibrates) is checked against the
+    # positions, the task's is not
+    long = subprocess.run([sys.executable, "-m", "qsim.cli", "sensitivity", "model=tiny-opt", "format=w4a4", "method=mse",
+                           "calib.seq_len=300"],
                           capture_output=True, text=True, env=env)
     assert long.returncode == 2 and "calib.seq_len=300 is longer than model 'tiny-opt' has positions (256)" in long.stderr
+    long = subprocess.run([sys.executable, "-m", "qsim.cli", "sensitivity", "model=tiny-opt", "sensitivity.seq_len=300"],
+                          capture_output=True, text=True, env=env)
+    assert long.returncode == 2 and "sensitivity.seq_len=300 is longer" in long.stderr
 
 
 def test_prefix_cache_gives_the_same_numbers(one_thread):

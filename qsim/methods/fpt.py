@@ -1,4 +1,4 @@
-"""FPT baseline (FP-quantized transformers, Algorithm 1): per linear layer, a joint
+"""FPT (FP-quantized transformers, Algorithm 1 and Sec. 4.3): per linear layer, a joint
 search of the format (among `fpt.candidates` of the layer's bit width) and of the
 clipping max, for the input activation and for the weight, minimising the
 Fisher-weighted output error (Eq. 15):
@@ -12,9 +12,17 @@ on `fpt.steps` points evenly spaced over [gamma1, gamma2] x the tensor's max |.|
 alternating activation then weight for `fpt.rounds` rounds. Layers are searched
 independently ("parallel" scheme): each sees the float inputs of the float model.
 
-Not done: the pre-shifted (per-channel) exponent bias (`fpt.preshift` is rejected
-when true) and the attention operand products. Every layer's inputs and output
-gradients over the calibration windows are kept in memory (fp32): use few windows.
+Pre-shifted exponent bias (`fpt.preshift`, Eqs. 17-22): input channel j gets an
+integer exponent s_j = clip(floor(log2(M / m_j)), 0, 2^e - 1), m_j its max |.| over
+the calibration tokens, M the largest m_j, e the candidate format's exponent bits
+(0 for INT). The input is quantized as X * 2^s with one per-tensor max (the searched
+rho), and the quantized weight's input channels are multiplied by 2^-s (Eq. 21: the
+weight's exponents shifted, its mantissas kept), so O^ = Q(X 2^s) (Q(W) 2^-s)^T.
+`fpt.preshift=false` is the paper's FPT baseline.
+
+Not done: the attention operand products (they keep their configured quantizers).
+Every layer's inputs and output gradients of the first `fpt.max_tokens` calibration
+tokens are kept in memory (fp32); the windows after those run forward only (channel maxima).
 """
 from __future__ import annotations
 
@@ -23,7 +31,7 @@ from dataclasses import replace
 import torch
 
 from ..config import ConfigError
-from ..formats import CastFormat, get_format
+from ..formats import CastFormat, FloatFormat, get_format
 from ..quantizer import QuantSpec, fake_quantize
 from ..surgery import QuantLinear, quantization_disabled, quantized_layers
 from . import Method, register
@@ -31,33 +39,39 @@ from .mofq import candidates_for
 from ..capture import model_device
 
 
-def _tensor_static(spec: QuantSpec) -> QuantSpec:
-    return spec if spec.is_identity else replace(spec, granularity="tensor", mode="static")
+def _static(spec: QuantSpec, granularity: str) -> QuantSpec:
+    return spec if spec.is_identity else replace(spec, granularity=granularity, mode="static")
 
 
 def configure(plan, cfg):
     d = plan.default
-    plan.default = replace(d, weight=_tensor_static(d.weight), act=_tensor_static(d.act))
+    plan.default = replace(d, weight=_static(d.weight, cfg.fpt.weight_granularity), act=_static(d.act, "tensor"))
 
 
-def collect(model, calib, bar):
-    """Per quantized linear: its float inputs X [tokens, in] and squared output gradients G2 [tokens, out]."""
+def collect(model, calib, bar, max_tokens: int):
+    """Per quantized linear: its float inputs X [tokens, in], squared output gradients G2 [tokens, out]
+    (the first `max_tokens` tokens of the windows) and each input channel's max |x| over every token."""
     layers = [(n, m) for n, m in quantized_layers(model)]
     inputs = {n: [] for n, _ in layers}
     grads = {n: [] for n, _ in layers}
+    channel_max = {}
     outputs, handles = {}, []
+    kept = 0  # tokens stored per layer so far
 
     def hook(name):
         def fn(_module, args, out):
-            inputs[name].append(args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu())
-            out.retain_grad()
-            outputs[name] = out
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            seen = x.abs().amax(dim=0).cpu()
+            channel_max[name] = seen if name not in channel_max else torch.maximum(channel_max[name], seen)
+            if kept < max_tokens:
+                inputs[name].append(x[: max_tokens - kept].cpu())
+                out.retain_grad()
+                outputs[name] = out
         return fn
 
     for name, layer in layers:
         handles.append(layer.register_forward_hook(hook(name)))
     device = model_device(model)
-    bar.start(len(calib))
     was_training = model.training
     try:
         with quantization_disabled(model), torch.enable_grad():
@@ -65,64 +79,85 @@ def collect(model, calib, bar):
                 ids = window[None].to(device)
                 outputs.clear()
                 logits = model(input_ids=ids, use_cache=False).logits
-                loss = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
-                loss.backward()
-                for name, out in outputs.items():
-                    grads[name].append(out.grad.detach().reshape(-1, out.shape[-1]).float().pow(2).cpu())
-                model.zero_grad(set_to_none=True)
-                bar.advance(1, f"{len(layers)} layers")
+                if kept < max_tokens:  # the gradients are only needed for the stored tokens
+                    loss = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
+                    loss.backward()
+                    for name, out in outputs.items():
+                        g = out.grad.detach().reshape(-1, out.shape[-1])[: max_tokens - kept]
+                        grads[name].append(g.float().pow(2).cpu())
+                    model.zero_grad(set_to_none=True)
+                    kept += ids.shape[1]
+                bar.advance(1, "float forward + backward")
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    return {n: (torch.cat(inputs[n]), torch.cat(grads[n])) for n, _ in layers}
+    return {n: (torch.cat(inputs[n]), torch.cat(grads[n]), channel_max[n]) for n, _ in layers}
 
 
-def fisher_error(x, w, g2, xq, wq) -> float:
-    """Eq. 15: mean over output elements of (dL/dO)^2 (O^ - O)^2."""
-    d = xq @ wq.T - x @ w.T
+def fisher_error(x, w, g2, xq, wq, out=None) -> float:
+    """Eq. 15: mean over output elements of (dL/dO)^2 (O^ - O)^2 (`out` = X W^T if known)."""
+    d = xq @ wq.T - (x @ w.T if out is None else out)
     return float((g2 * d.pow(2)).mean(dtype=torch.float64))
 
 
 def _quantize(t, spec, fmt, amax):
-    return fake_quantize(t, replace(spec, format=fmt), torch.tensor(amax, device=t.device))
+    return fake_quantize(t, replace(spec, format=fmt), torch.as_tensor(amax, device=t.device))
 
 
-def search_layer(x, w, g2, x_spec, w_spec, x_cands, w_cands, cfg):
-    """Alternating joint (format, max) search for the input and the weight; returns the choice and errors."""
+def exponent_bits(fmt: str) -> int:
+    f = get_format(fmt)
+    return f.exp_bits if isinstance(f, FloatFormat) else 0
+
+
+def channel_shifts(channel_max: torch.Tensor, exp_bits: int) -> torch.Tensor:
+    """Eqs. 17-18 with rho at its initial value (the largest channel): s_j = clip(floor(log2(M / m_j)), 0, 2^e - 1)."""
+    top = 2 ** exp_bits - 1
+    ratio = channel_max.max() / channel_max.clamp_min(torch.finfo(channel_max.dtype).tiny)
+    return torch.floor(torch.log2(ratio)).clamp(0, top)
+
+
+def search_layer(x, w, g2, x_spec, w_spec, x_cands, w_cands, cfg, channel_max=None):
+    """Alternating joint (format, max) search for the input and the weight; returns the choice and errors.
+
+    With `channel_max` (pre-shifted exponent bias) each input candidate format has its own
+    channel shifts s and its max is searched for X 2^s; an input state is (format, max, s)."""
     f = cfg.fpt
-    x_max, w_max = float(x.abs().max()), float(w.abs().max())
-    state = {"x": (x_cands[0], x_max) if x_cands else None, "w": (w_cands[0], w_max) if w_cands else None}
+    out = x @ w.T
+    shifts = {fmt: None if channel_max is None else channel_shifts(channel_max, exponent_bits(fmt)) for fmt in x_cands}
+    shifted = {fmt: x if s is None else x * torch.exp2(s) for fmt, s in shifts.items()}
 
-    def operands(which=None, value=None):
-        xs = value if which == "x" else state["x"]
-        ws = value if which == "w" else state["w"]
-        xq = x if xs is None else _quantize(x, x_spec, *xs)
-        wq = w if ws is None else _quantize(w, w_spec, *ws)
-        return xq, wq
+    def quantize_input(fmt, amax, s):
+        xq = _quantize(shifted[fmt], x_spec, fmt, amax)
+        return xq if s is None else xq * torch.exp2(-s)
 
-    wq_cache = {}
+    # the weight's max: one per tensor, or one per output channel (searched as one ratio for all)
+    w_top = w.abs().amax(dim=1) if w_spec.granularity == "channel" else float(w.abs().max())
+    state = {"x": (x_cands[0], float(shifted[x_cands[0]].abs().max()), shifts[x_cands[0]]) if x_cands else None,
+             "w": (w_cands[0], w_top) if w_cands else None}
+    ratios = sorted({1.0, *(f.gamma1 + (f.gamma2 - f.gamma1) * k / (f.steps - 1) for k in range(f.steps))})
     history = []
     for _ in range(f.rounds):
-        for which, cands, top, t in (("x", x_cands, x_max, x), ("w", w_cands, w_max, w)):
-            if not cands or top == 0:
-                continue
+        if x_cands:
+            wq = w if state["w"] is None else _quantize(w, w_spec, *state["w"])
             best = None
-            ratios = sorted({1.0, *(f.gamma1 + (f.gamma2 - f.gamma1) * k / (f.steps - 1) for k in range(f.steps))})
-            for fmt in cands:
-                for ratio in ratios:
-                    amax = top * ratio
-                    if which == "x":
-                        key = state["w"]
-                        if key not in wq_cache:
-                            wq_cache[key] = operands()[1]
-                        err = fisher_error(x, w, g2, _quantize(x, x_spec, fmt, amax), wq_cache[key])
-                    else:
-                        xq = operands()[0]
-                        err = fisher_error(x, w, g2, xq, _quantize(w, w_spec, fmt, amax))
+            for fmt in x_cands:
+                top = float(shifted[fmt].abs().max())
+                for ratio in ratios if top > 0 else [1.0]:
+                    err = fisher_error(x, w, g2, quantize_input(fmt, top * ratio, shifts[fmt]), wq, out)
                     if best is None or err < best[0]:
-                        best = (err, fmt, amax)
-            state[which] = (best[1], best[2])
+                        best = (err, (fmt, top * ratio, shifts[fmt]))
+            state["x"] = best[1]
+            history.append(best[0])
+        if w_cands:
+            xq = x if state["x"] is None else quantize_input(*state["x"])
+            best = None
+            for fmt in w_cands:
+                for ratio in ratios if float(torch.as_tensor(w_top).max()) > 0 else [1.0]:
+                    err = fisher_error(x, w, g2, xq, _quantize(w, w_spec, fmt, w_top * ratio), out)
+                    if best is None or err < best[0]:
+                        best = (err, (fmt, w_top * ratio))
+            state["w"] = best[1]
             history.append(best[0])
     return state, history
 
@@ -134,35 +169,51 @@ def apply(ctx):
     for name, layer in layers:
         if not isinstance(layer, QuantLinear):
             raise RuntimeError(f"fpt: {name} is a {type(layer).__name__}; only nn.Linear layers are supported")
-    data = collect(model, calib, bar)
+    bar.start(len(calib) + len(layers))  # one float forward+backward per window, then one search per layer
+    data = collect(model, calib, bar, f.max_tokens)
     chosen = {}
+    formats = {"act": {}, "weight": {}}
     for name, layer in layers:
-        x, g2 = data.pop(name)
+        x, g2, channel_max = data.pop(name)
         w = layer.weight.detach().float().cpu()
         x_spec, w_spec = layer.input_quantizer.spec, layer.weight_quantizer.spec
         x_cands = candidates_for(x_spec.format, f.candidates)
         w_cands = candidates_for(w_spec.format, f.candidates)
-        n = min(len(x), f.max_tokens)
-        x, g2 = x[:n], g2[:n]
-        float_err = fisher_error(x, w, g2, x, w)
-        state, history = search_layer(x, w, g2, x_spec, w_spec, x_cands, w_cands, cfg)
-        entry = {"error": history[-1] if history else float_err, "rounds": history}
+        state, history = search_layer(x, w, g2, x_spec, w_spec, x_cands, w_cands, cfg,
+                                      channel_max if f.preshift else None)
+        entry = {"error": history[-1] if history else 0.0, "rounds": history}
         device = layer.weight.device
-        for role, q in (("x", layer.input_quantizer), ("w", layer.weight_quantizer)):
-            if state[role] is not None:
-                fmt, amax = state[role]
-                q.configure(format=fmt)
-                q.set_amax(torch.tensor(amax, device=device))
-                entry["act" if role == "x" else "weight"] = {"format": fmt, "amax": amax}
+        if state["x"] is not None:
+            fmt, amax, shift = state["x"]
+            entry["act"] = {"format": fmt, "amax": amax}
+            if shift is not None and bool(shift.any()):
+                layer.input_shift = shift.to(device)
+                entry["act"]["shift"] = {"channels": int((shift > 0).sum()), "max": int(shift.max()),
+                                         "mean": round(float(shift.mean()), 4)}
+        amaxes = {"act": None if state["x"] is None else torch.tensor(state["x"][1])}
+        if state["w"] is not None:
+            fmt, amax = state["w"]
+            amaxes["weight"] = amax = torch.as_tensor(amax)
+            entry["weight"] = {"format": fmt, "amax": float(amax.max())}  # per channel: the largest
+            if amax.dim():
+                entry["weight"]["ratio"] = round(float((amax / w.abs().amax(dim=1).clamp_min(1e-30)).max()), 6)
+        for role, q in (("act", layer.input_quantizer), ("weight", layer.weight_quantizer)):
+            if role in entry:
+                q.configure(format=entry[role]["format"])
+                q.set_amax(amaxes[role].to(device))
+                formats[role][entry[role]["format"]] = formats[role].get(entry[role]["format"], 0) + 1
+        layer.drop_weight_cache()
         chosen[name] = entry
-    return {"layers": chosen, "candidates": list(f.candidates), "rounds": f.rounds, "steps": f.steps,
-            "gamma": [f.gamma1, f.gamma2], "calib_windows": len(calib), "calib_tokens": int(calib.numel())}
+        bar.advance(1, name)
+    return {"layers": chosen, "formats": formats, "preshift": f.preshift, "candidates": list(f.candidates),
+            "rounds": f.rounds, "steps": f.steps, "gamma": [f.gamma1, f.gamma2], "max_tokens": f.max_tokens,
+            "calib_windows": len(calib), "calib_tokens": int(calib.numel())}
 
 
 def validate(cfg):
     f = cfg.fpt
-    if f.preshift:
-        raise ConfigError("fpt.preshift (pre-shifted exponent bias) is not implemented yet")
+    if f.weight_granularity not in ("tensor", "channel"):
+        raise ConfigError(f"fpt.weight_granularity must be tensor or channel, got {f.weight_granularity!r}")
     if f.rounds < 1 or f.steps < 2 or not 0 < f.gamma1 < f.gamma2:
         raise ConfigError("fpt needs rounds >= 1, steps >= 2 and 0 < gamma1 < gamma2")
     for c in f.candidates:
