@@ -113,6 +113,7 @@ class FptConfig:
     preshift: bool = False  # pre-shifted per-channel exponent bias (FPT; the fpt preset turns it on); false = FPT baseline
     max_tokens: int = 4096  # calibration tokens per layer the search scores (first ones)
     weight_granularity: str = "tensor"  # static weight max per tensor, or per output channel (the paper's; the fpt preset)
+    attention: bool = False  # also search the attention products QK^T and PV (quantizes them, static per tensor)
 
 
 @dataclass

@@ -281,6 +281,24 @@ ROTATION_ROWS = ["smollm2-w4a16-rtn", "smollm2-w4a16-gptq", "smollm2-w4a16-gptq-
                  "smollm2-e2m1-abfp", "smollm2-e2m1-rotate-abfp", "smollm2-e2m1-rotate-abfp-online"]
 
 
+FORMAT_CHOICE_ROWS = ["smollm2-fp4-minmax", "smollm2-fp4-mse-e2m1", "smollm2-fp4-mse-e1m2", "smollm2-fp4-mse-e3m0",
+                      "smollm2-fp4-fpt-baseline", "smollm2-fp4-fpt",
+                      "smollm2-w4a4-abfp", "smollm2-e2m1-abfp", "smollm2-w4a4-abfp-mofq", "smollm2-w4a4-abfp-mofq-attn-e2m1"]
+
+
+def format_choice_block(manifest: dict[str, Entry]) -> str:
+    """The fpt / mofq rows, then the per-layer format counts each search chose."""
+    text = ppl_table(manifest, FORMAT_CHOICE_ROWS, "per-layer formats on SmolLM2, WikiText-2 test, seq_len 512")
+    lines = ["", "| searched entry | input formats chosen (layers) | weight formats chosen (layers) |", "|---|---|---|"]
+    for id_ in FORMAT_CHOICE_ROWS:
+        methods = load_published(manifest[id_]).get("methods", {})
+        counts = methods.get("fpt", {}).get("formats") or methods.get("mofq", {}).get("chosen")
+        if counts:
+            cell = {role: ", ".join(f"{fmt} {n}" for fmt, n in sorted(counts.get(role, {}).items())) for role in ("act", "weight")}
+            lines.append(f"| {manifest[id_].label} | {cell['act']} | {cell['weight']} |")
+    return text + "\n".join(lines) + "\n"
+
+
 def render_blocks(manifest: dict[str, Entry] | None = None, bench: Path | None = None) -> dict[str, str]:
     """Every block's text, from the files."""
     manifest = load_manifest() if manifest is None else manifest
@@ -294,6 +312,7 @@ def render_blocks(manifest: dict[str, Entry] | None = None, bench: Path | None =
         "minilm-stsb": metric_table(manifest, ["minilm-stsb-fp32", "minilm-stsb-w4a8-abfp"],
                                     "all-MiniLM-L6-v2, GLUE STS-B dev"),
         "table10-offline": table10_block(manifest),
+        "per-layer-formats": format_choice_block(manifest),
         "published-cost": published_cost(manifest),
         "bench": bench_block(newest_bench() if bench is None else bench),
     }

@@ -323,6 +323,9 @@ class AttentionQuantizers(nn.Module):
         self.q, self.k, self.v, self.p = (Quantizer(specs[op]) for op in "qkvp")
         self.qk_transform = None  # applied to Q and K (after RoPE) before their quantizers (methods/rotate.py)
         self.accum: Accumulator | None = None  # QK^T and PV accumulation (qsim/accum.py)
+        # observe(product, a, b, out): sees each product's operands and its output, "qk" (Q, K after
+        # the GQA repeat, QK^T before scaling) and "pv" (P, V, PV); methods/fpt.py reads gradients from it
+        self.observe = None
         self.calls = 0
 
 
@@ -378,7 +381,10 @@ def qsim_attention(module, query, key, value, attention_mask, scaling=None, drop
     groups = query.shape[1] // key.shape[1]
     key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
     acc = aq.accum if aq is not None else None
-    scores = accum.matmul(query, key.transpose(2, 3), acc) * scaling
+    scores = accum.matmul(query, key.transpose(2, 3), acc)
+    if aq is not None and aq.observe is not None:
+        aq.observe("qk", query, key, scores)
+    scores = scores * scaling
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     if position_bias is not None:
@@ -395,8 +401,10 @@ def qsim_attention(module, query, key, value, attention_mask, scaling=None, drop
     probs = F.dropout(probs, p=dropout, training=module.training)
     if aq is not None:
         probs = aq.p(probs)
-    out = accum.matmul(probs, value, acc).transpose(1, 2).contiguous()
-    return out, probs
+    out = accum.matmul(probs, value, acc)
+    if aq is not None and aq.observe is not None:
+        aq.observe("pv", probs, value, out)
+    return out.transpose(1, 2).contiguous(), probs
 
 
 def register_attention() -> None:

@@ -10,7 +10,8 @@ from qsim.methods.fpt import channel_shifts, fisher_error
 from qsim.models import ByteTokenizer
 from qsim.pins import tiny_model
 from qsim.run import build_plan
-from qsim.surgery import freeze_quantized_weights, quantization_disabled, quantized_layers, quantize_model
+from qsim.surgery import (attention_quantizers, freeze_quantized_weights, quantization_disabled, quantized_layers,
+                          quantize_model)
 
 
 class Bar:
@@ -58,6 +59,8 @@ def test_fpt_search_never_increases_the_error_and_sets_static_quantizers(one_thr
 @pytest.mark.parametrize("overrides,message", [
     (["fpt.candidates=[e4m3]"], "no candidate of 4 bits"),
     (["fpt.gamma1=2.0"], "gamma1 < gamma2"),
+    (["fpt.attention=true", "format.attn=fp32"], "leaves them in float"),
+    (["fpt.weight_granularity=block"], "tensor or channel"),
 ])
 def test_bad_fpt_values_are_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -113,3 +116,32 @@ def test_fpt_baseline_sets_no_shift(one_thread):
     assert not facts["preshift"]
     assert all(layer.input_shift is None for _, layer in quantized_layers(model))
     assert all("shift" not in entry["act"] for entry in facts["layers"].values())
+
+
+def test_fisher_error_of_batched_products_is_the_mean_over_heads():
+    """Attention products are [batch, heads, t, .]: the error is the mean of the per-head errors."""
+    gen = torch.Generator().manual_seed(0)
+    x, w, xq, wq = (torch.randn(1, 3, 5, 4, generator=gen) for _ in range(4))
+    g2 = torch.rand(1, 3, 5, 5, generator=gen)
+    per_head = [fisher_error(x[0, h], w[0, h], g2[0, h], xq[0, h], wq[0, h]) for h in range(3)]
+    assert fisher_error(x, w, g2, xq, wq) == pytest.approx(sum(per_head) / 3, rel=1e-6)  # fp32 products
+
+
+def test_fpt_attention_searches_qk_and_pv_operands(one_thread):
+    """fpt.attention=true: each site's Q, K, P, V get a searched format and static per-tensor max."""
+    model, calib, facts = _fpt_tiny_llama("fpt.attention=true")
+    assert len(facts["attention"]) == 2 and sum(facts["formats"]["attention"].values()) == 2 * 4
+    for name, aq in attention_quantizers(model):
+        entry = facts["attention"][name]
+        for product in ("qk", "pv"):
+            rounds = entry[f"rounds_{product}"]
+            assert len(rounds) == 2 and rounds[1] <= rounds[0]
+        for op in "qkvp":
+            q = getattr(aq, op)
+            assert q.spec.format == entry[op]["format"] in ("e2m1", "e1m2", "e3m0")
+            assert q.spec.mode == "static" and q.spec.granularity == "tensor"
+            assert float(q.amax) == pytest.approx(entry[op]["amax"])
+        assert aq.observe is None  # the collection hook is gone
+    assert 0 < entry["p"]["amax"] <= 1.2  # probabilities: at most gamma2 x their max
+    with torch.no_grad():
+        assert torch.isfinite(model(calib).logits).all()

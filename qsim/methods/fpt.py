@@ -20,7 +20,10 @@ rho), and the quantized weight's input channels are multiplied by 2^-s (Eq. 21: 
 weight's exponents shifted, its mantissas kept), so O^ = Q(X 2^s) (Q(W) 2^-s)^T.
 `fpt.preshift=false` is the paper's FPT baseline.
 
-Not done: the attention operand products (they keep their configured quantizers).
+`fpt.attention=true` also searches the attention products (Alg. 1 on "O = XY"): QK^T with
+X = Q, Y = K and PV with X = P, Y = V, per-tensor static maxima, no exponent shift (the paper
+keeps activation-activation products per tensor); with it false, attention operands keep their
+configured quantizers.
 Every layer's inputs and output gradients of the first `fpt.max_tokens` calibration
 tokens are kept in memory (fp32); the windows after those run forward only (channel maxima).
 """
@@ -33,7 +36,7 @@ import torch
 from ..config import ConfigError
 from ..formats import CastFormat, FloatFormat, get_format
 from ..quantizer import QuantSpec, fake_quantize
-from ..surgery import QuantLinear, quantization_disabled, quantized_layers
+from ..surgery import QuantLinear, attention_quantizers, quantization_disabled, quantized_layers
 from . import Method, register
 from .mofq import candidates_for
 from ..capture import model_device
@@ -46,15 +49,20 @@ def _static(spec: QuantSpec, granularity: str) -> QuantSpec:
 def configure(plan, cfg):
     d = plan.default
     plan.default = replace(d, weight=_static(d.weight, cfg.fpt.weight_granularity), act=_static(d.act, "tensor"))
+    if cfg.fpt.attention:  # searched: one static max per operand
+        plan.attention = _static(plan.attention or plan.attention_base, "tensor")
 
 
-def collect(model, calib, bar, max_tokens: int):
+def collect(model, calib, bar, max_tokens: int, sites=()):
     """Per quantized linear: its float inputs X [tokens, in], squared output gradients G2 [tokens, out]
-    (the first `max_tokens` tokens of the windows) and each input channel's max |x| over every token."""
+    (the first `max_tokens` tokens of the windows) and each input channel's max |x| over every token.
+    Per attention site in `sites` (name, AttentionQuantizers): for "qk" and "pv", the two operands and
+    the squared gradients of the product (whole windows, while fewer than `max_tokens` are stored)."""
     layers = [(n, m) for n, m in quantized_layers(model)]
     inputs = {n: [] for n, _ in layers}
     grads = {n: [] for n, _ in layers}
     channel_max = {}
+    products = {(n, p): {"a": [], "b": [], "g2": []} for n, _ in sites for p in ("qk", "pv")}
     outputs, handles = {}, []
     kept = 0  # tokens stored per layer so far
 
@@ -69,8 +77,20 @@ def collect(model, calib, bar, max_tokens: int):
                 outputs[name] = out
         return fn
 
+    def observer(site):
+        def fn(product, a, b, out):
+            if kept < max_tokens:
+                store = products[(site, product)]
+                store["a"].append(a.detach().float().cpu())
+                store["b"].append(b.detach().float().cpu())
+                out.retain_grad()
+                outputs[(site, product)] = out
+        return fn
+
     for name, layer in layers:
         handles.append(layer.register_forward_hook(hook(name)))
+    for name, aq in sites:
+        aq.observe = observer(name)
     device = model_device(model)
     was_training = model.training
     try:
@@ -82,22 +102,30 @@ def collect(model, calib, bar, max_tokens: int):
                 if kept < max_tokens:  # the gradients are only needed for the stored tokens
                     loss = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
                     loss.backward()
-                    for name, out in outputs.items():
-                        g = out.grad.detach().reshape(-1, out.shape[-1])[: max_tokens - kept]
-                        grads[name].append(g.float().pow(2).cpu())
+                    for key, out in outputs.items():
+                        if isinstance(key, tuple):
+                            products[key]["g2"].append(out.grad.detach().float().pow(2).cpu())
+                        else:
+                            g = out.grad.detach().reshape(-1, out.shape[-1])[: max_tokens - kept]
+                            grads[key].append(g.float().pow(2).cpu())
                     model.zero_grad(set_to_none=True)
                     kept += ids.shape[1]
                 bar.advance(1, "float forward + backward")
     finally:
         for h in handles:
             h.remove()
+        for _, aq in sites:
+            aq.observe = None
         model.train(was_training)
-    return {n: (torch.cat(inputs[n]), torch.cat(grads[n]), channel_max[n]) for n, _ in layers}
+    data = {n: (torch.cat(inputs[n]), torch.cat(grads[n]), channel_max[n]) for n, _ in layers}
+    for key, store in products.items():
+        data[key] = tuple(torch.cat(store[k]) for k in ("a", "b", "g2"))
+    return data
 
 
 def fisher_error(x, w, g2, xq, wq, out=None) -> float:
     """Eq. 15: mean over output elements of (dL/dO)^2 (O^ - O)^2 (`out` = X W^T if known)."""
-    d = xq @ wq.T - (x @ w.T if out is None else out)
+    d = xq @ wq.transpose(-1, -2) - (x @ w.transpose(-1, -2) if out is None else out)
     return float((g2 * d.pow(2)).mean(dtype=torch.float64))
 
 
@@ -123,7 +151,7 @@ def search_layer(x, w, g2, x_spec, w_spec, x_cands, w_cands, cfg, channel_max=No
     With `channel_max` (pre-shifted exponent bias) each input candidate format has its own
     channel shifts s and its max is searched for X 2^s; an input state is (format, max, s)."""
     f = cfg.fpt
-    out = x @ w.T
+    out = x @ w.transpose(-1, -2)
     shifts = {fmt: None if channel_max is None else channel_shifts(channel_max, exponent_bits(fmt)) for fmt in x_cands}
     shifted = {fmt: x if s is None else x * torch.exp2(s) for fmt, s in shifts.items()}
 
@@ -169,8 +197,11 @@ def apply(ctx):
     for name, layer in layers:
         if not isinstance(layer, QuantLinear):
             raise RuntimeError(f"fpt: {name} is a {type(layer).__name__}; only nn.Linear layers are supported")
-    bar.start(len(calib) + len(layers))  # one float forward+backward per window, then one search per layer
-    data = collect(model, calib, bar, f.max_tokens)
+    sites = attention_quantizers(model) if f.attention else []
+    if f.attention and not sites:
+        raise RuntimeError("fpt.attention: the model has no quantized attention site to search")
+    bar.start(len(calib) + len(layers) + len(sites))  # a float forward+backward per window, a search per layer / site
+    data = collect(model, calib, bar, f.max_tokens, sites)
     chosen = {}
     formats = {"act": {}, "weight": {}}
     for name, layer in layers:
@@ -205,9 +236,35 @@ def apply(ctx):
         layer.drop_weight_cache()
         chosen[name] = entry
         bar.advance(1, name)
-    return {"layers": chosen, "formats": formats, "preshift": f.preshift, "candidates": list(f.candidates),
+    attention = {name: search_site(name, aq, data, cfg, formats, bar, model_device(model)) for name, aq in sites}
+    return {"layers": chosen, "attention": attention, "formats": formats, "preshift": f.preshift, "candidates": list(f.candidates),
             "rounds": f.rounds, "steps": f.steps, "gamma": [f.gamma1, f.gamma2], "max_tokens": f.max_tokens,
             "calib_windows": len(calib), "calib_tokens": int(calib.numel())}
+
+
+def search_site(name, aq, data, cfg, formats, bar, device) -> dict:
+    """QK^T (X = Q, Y = K) and PV (X = P, Y = V^T, so O = X Y^T as for a linear), per-tensor static,
+    no exponent shift (the paper keeps activation-activation products per tensor)."""
+    entry = {}
+    for product, (qx, qy) in (("qk", (aq.q, aq.k)), ("pv", (aq.p, aq.v))):
+        x, y, g2 = data.pop((name, product))
+        if product == "pv":
+            y = y.transpose(-1, -2)
+        x_cands = candidates_for(qx.spec.format, cfg.fpt.candidates)
+        y_cands = candidates_for(qy.spec.format, cfg.fpt.candidates)
+        state, history = search_layer(x, y, g2, qx.spec, qy.spec, x_cands, y_cands, cfg)
+        entry[f"error_{product}"] = history[-1] if history else 0.0
+        entry[f"rounds_{product}"] = history
+        for operand, q, chosen in ((product[0], qx, state["x"]), (product[1], qy, state["w"])):
+            if chosen is not None:
+                fmt, amax = chosen[0], float(chosen[1])
+                q.configure(format=fmt)
+                q.set_amax(torch.tensor(amax, device=device))
+                entry[operand] = {"format": fmt, "amax": amax}
+                formats["attention"] = formats.get("attention", {})
+                formats["attention"][fmt] = formats["attention"].get(fmt, 0) + 1
+    bar.advance(1, name)
+    return entry
 
 
 def validate(cfg):
@@ -222,11 +279,16 @@ def validate(cfg):
                 raise ConfigError(f"fpt.candidates: {c!r} is a float cast, not a quantized format")
         except ValueError as err:
             raise ConfigError(f"fpt.candidates: {err}") from None
-    for role in ("weight", "act"):
+    roles = {"format.weight": cfg.format.weight, "format.act": cfg.format.act}
+    if f.attention:
+        roles["format.attn"] = cfg.format.attn or cfg.format.act
+    for key, fmt in roles.items():
         try:
-            candidates_for(getattr(cfg.format, role), f.candidates)
+            found = candidates_for(fmt, f.candidates)
         except ConfigError as err:
             raise ConfigError(str(err).replace("mofq", "fpt")) from None
+        if key == "format.attn" and not found:
+            raise ConfigError(f"fpt.attention=true searches the attention operands, but {key}={fmt} leaves them in float")
 
 
 register(Method("fpt", configure=configure, apply=apply, validate=validate, needs_calibration=True))
