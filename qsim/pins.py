@@ -23,7 +23,9 @@ What is pinned:
   outputs are nearly uniform and quantization moves the NLL by only ~1e-4.
 
 Adding a format or a preset adds pins without a version bump (no existing
-number changes); a version bump with no pinned value changed is allowed (a
+number changes), and so does changing a preset's config (a new default, a
+new key it sets): each method pin stores the digest of the config it ran
+(`approx_config`), and a pin under a new digest is a new pin; a version bump with no pinned value changed is allowed (a
 change the pins cannot see, e.g. in the evaluation protocol, still needs one).
 """
 from __future__ import annotations
