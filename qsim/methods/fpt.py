@@ -24,6 +24,7 @@ weight's exponents shifted, its mantissas kept), so O^ = Q(X 2^s) (Q(W) 2^-s)^T.
 X = Q, Y = K and PV with X = P, Y = V, per-tensor static maxima, no exponent shift (the paper
 keeps activation-activation products per tensor); with it false, attention operands keep their
 configured quantizers.
+
 Every layer's inputs and output gradients of the first `fpt.max_tokens` calibration
 tokens are kept in memory (fp32); the windows after those run forward only (channel maxima).
 """
