@@ -228,7 +228,9 @@ def _presets() -> dict[str, dict[str, dict]]:
         for path in sorted((CONF / group).glob("*.yaml")):
             doc = _load_yaml(path)
             doc.pop("defaults", None)
-            out[group][path.stem] = _flat(doc, group + ".")
+            # a preset that also sets other sections (conf/method/fpt.yaml) is written from the root
+            is_global = path.read_text().startswith("# @package _global_")
+            out[group][path.stem] = _flat(doc, "" if is_global else group + ".")
     return out
 
 
