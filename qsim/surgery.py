@@ -110,6 +110,7 @@ class _QuantMixin:
         self.input_shift: torch.Tensor | None = None
         self._wq = None
         self._wq_key = None
+        self._shifted, self._shifted_key = None, None  # the cached quantized weight times 2^-input_shift
 
     input_axis = -1
 
@@ -129,7 +130,14 @@ class _QuantMixin:
         w = self._quantized_weight()
         if self.input_shift is None:
             return w
-        return w * self._shift_factor(-self.input_shift, w, self.weight_axes[1])
+        if w is not self._wq:  # not from the cache (training, float, inference tensors): shifted per call
+            return w * self._shift_factor(-self.input_shift, w, self.weight_axes[1])
+        key = (self._wq_key, id(self.input_shift))
+        if key != self._shifted_key:  # shifted once per cached quantized weight, not every forward
+            with torch.no_grad(), torch.inference_mode(False):
+                self._shifted = w * self._shift_factor(-self.input_shift, w, self.weight_axes[1])
+            self._shifted_key = key
+        return self._shifted
 
     def _quantized_weight(self) -> torch.Tensor:
         """The weight on its quantizer's grid (cached), before any input shift."""
@@ -154,6 +162,7 @@ class _QuantMixin:
 
     def drop_weight_cache(self) -> None:
         self._wq, self._wq_key = None, None
+        self._shifted, self._shifted_key = None, None
 
 
 class QuantLinear(_QuantMixin, nn.Linear):
@@ -717,7 +726,8 @@ def restore_model(model: nn.Module) -> None:
             for attr in ("input_quantizer", "weight_quantizer", "output_quantizer"):
                 delattr(module, attr)
             module.__class__ = module.qsim_original_class
-            for attr in ("qsim_original_class", "_wq", "_wq_key", "_qsim_identity", "input_transform", "input_shift"):
+            for attr in ("qsim_original_class", "_wq", "_wq_key", "_qsim_identity", "input_transform", "input_shift",
+                         "_shifted", "_shifted_key"):
                 module.__dict__.pop(attr, None)
         if hasattr(module, "qsim_attn"):
             del module.qsim_attn
