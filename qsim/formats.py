@@ -40,6 +40,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from . import native
+
 ROUNDINGS = ("nearest", "away", "stochastic")
 SPECIALS = ("ieee", "fn", "finite")
 FP32_MAX = float(torch.finfo(torch.float32).max)
@@ -210,12 +212,16 @@ class IntFormat:
         """The nearest grid value (saturating); the fast kernel unless rounding is stochastic."""
         if self.rounding == "stochastic":
             return self.quantize_reference(x)
-        return _run_chunked(self._kernel, x)
+        return self.quantize_scaled(x, None)
 
-    def quantize_scaled(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def quantize_scaled(self, x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
         """quantize(x / scale) * scale, bit for bit, in one pass over memory; scale > 0, broadcastable."""
         if self.rounding == "stochastic":
             return (self.quantize_reference(x.float() / scale) * scale).to(x.dtype)
+        if self.rounding == "nearest":
+            q = native.round_int(x.detach(), scale, self)
+            if q is not None:
+                return q
         return _run_chunked(self._kernel, x, scale)
 
     def quantize_reference(self, x: torch.Tensor) -> torch.Tensor:
@@ -319,12 +325,16 @@ class FloatFormat:
         """The nearest grid value; the fast kernel where it applies (see `has_fast_kernel`)."""
         if not self.has_fast_kernel:
             return self.quantize_reference(x)
-        return _run_chunked(self._kernel, x)
+        return self.quantize_scaled(x, None)
 
-    def quantize_scaled(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def quantize_scaled(self, x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
         """quantize(x / scale) * scale, bit for bit, in one pass over memory; scale > 0, broadcastable."""
         if not self.has_fast_kernel:
             return (self.quantize_reference(x.float() / scale) * scale).to(x.dtype)
+        if self.rounding == "nearest" and self.saturate and self.subnormals:  # native.c's case
+            q = native.round_float(x.detach(), scale, self)
+            if q is not None:
+                return q
         return _run_chunked(self._kernel, x, scale)
 
     @property

@@ -48,6 +48,7 @@ from functools import cached_property
 import torch
 from torch import nn
 
+from . import native
 from .formats import CastFormat, IntFormat, element_bits, get_format, round_integer
 
 GRANULARITIES = ("tensor", "channel", "token", "block")
@@ -270,6 +271,10 @@ def _fake_quantize(x: torch.Tensor, spec: QuantSpec, amax: torch.Tensor | None, 
     global_amax = None
     if spec.mode == "static" and amax is None:
         raise RuntimeError("static quantizer has no calibrated amax; run a calibrator first")
+    if not want_mask:
+        q = _native_block_quantize(view, spec, fmt, amax)
+        if q is not None:
+            return restore(q).to(x.dtype), None
     if spec.scale_dtype == "e4m3":  # block amaxes from the blocks; the global amax static or from them
         lo, hi = dynamic_range(view, spec)
         global_amax = _global_amax(hi, spec, amax)
@@ -280,6 +285,23 @@ def _fake_quantize(x: torch.Tensor, spec: QuantSpec, amax: torch.Tensor | None, 
     q, inside = quantize_view(view, lo, hi, spec, fmt, want_mask=want_mask, global_amax=global_amax)
     q = restore(q).to(x.dtype)
     return q, (restore(inside) if want_mask else None)
+
+
+def _native_block_quantize(view: torch.Tensor, spec: QuantSpec, fmt, amax: torch.Tensor | None):
+    """_fake_quantize's symmetric token/block case in native.c's one pass (the same bits);
+    None where it does not apply (then the torch ops below run)."""
+    if not (spec.symmetric and spec.scale_format is None and spec.granularity in ("token", "block")):
+        return None
+    if spec.scale_dtype == "e4m3":
+        if spec.mode == "static":
+            return native.block_quantize(view, spec, fmt, tensor_scale=_tensor_scale(amax.reshape(()), fmt))
+        if spec.global_scale == "tensor":
+            global_amax = _global_amax(dynamic_range(view, spec)[1], spec, None)
+            return native.block_quantize(view, spec, fmt, tensor_scale=_tensor_scale(global_amax, fmt))
+        return native.block_quantize(view, spec, fmt)  # one scale per token, from its blocks
+    if spec.mode != "dynamic":
+        return None
+    return native.block_quantize(view, spec, fmt)
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -358,6 +380,9 @@ def dynamic_range(view: torch.Tensor, spec: QuantSpec):
     dims = _reduce_dims(view, spec)
     if spec.symmetric:
         n = view.shape[-1]
+        amax = native.row_amax(view) if dims == (-1,) else None  # one pass (None off the native path)
+        if amax is not None:
+            return None, amax
         if spec.granularity == "block" and n <= 16 and n & (n - 1) == 0 and view.numel() >= _LARGE:
             # torch reduces a last dim this short slowly; halving it is exact and ~3x faster (NVFP4's 16)
             amax = view.abs()
@@ -442,10 +467,16 @@ def _e4m3_scale(amax: torch.Tensor, global_amax: torch.Tensor, fmt) -> torch.Ten
     """NVFP4 (ModelOpt's formulas, in fp32): s = global amax / (elem max * 448), block scale
     e4m3(amax / (elem max * s)) (saturating at 448), scale = block scale * s. A global amax of 0
     gives zero scales; a non-finite amax or global amax gives NaN."""
-    s = global_amax.float() / (fmt.max * E4M3.max)
-    s = torch.where(s == 0, torch.ones_like(s), s)  # every block amax is 0 then: their scales are 0
+    s = _tensor_scale(global_amax, fmt)
     block = E4M3.quantize(amax / (fmt.max * s)).add_(amax - amax)  # NaN where a block holds inf or NaN
     return block * s  # an inf s gives 0 * inf = NaN
+
+
+def _tensor_scale(global_amax: torch.Tensor, fmt) -> torch.Tensor:
+    """NVFP4's fp32 scale over the E4M3 block scales; 1 where the global amax is 0 (every block
+    amax is 0 then: their scales are 0)."""
+    s = global_amax.float() / (fmt.max * E4M3.max)
+    return torch.where(s == 0, torch.ones_like(s), s)
 
 
 def _two_level(scale: torch.Tensor, scale_fmt) -> torch.Tensor:

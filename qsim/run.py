@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 
 from . import data
+from . import native
 from .accum import Accumulator
 from .config import ConfigError, validate
 from .methods import METHODS, StageContext
@@ -253,6 +254,7 @@ def run(cfg, out_dir: Path) -> dict:
         "methods": method_facts,
         "timings": {**timings, "total": round(time.time() - t_start, 3)},
         "versions": versions(),
+        "kernels": native.kernels_in_use(),  # native.c or torch: the same numbers (qsim/native.py)
         "config": resolved,
         **ident,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

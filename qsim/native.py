@@ -1,0 +1,220 @@
+"""Compiled format kernels (qsim/native.c), bit-identical to the pure-torch ones.
+
+A kernel in torch is several passes over memory (divide, round, clamp, copysign,
+multiply); native.c does them in one. `make install` builds it with the system C
+compiler (`python -m qsim.native`); a run whose library is missing or stale
+builds it on first use (about a second). Where no compiler works, the torch
+kernels run: the numbers are the same, only slower, and result.json records
+which ran (`kernels`). `QSIM_KERNELS=torch` forces the torch kernels,
+`QSIM_KERNELS=native` makes a missing library an error.
+
+Only contiguous fp32 CPU tensors take the native path; everything else
+(CUDA, other dtypes, away/stochastic rounding, non-saturating formats) stays in torch.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("native.c")
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
+MODES = ("auto", "native", "torch")
+_MIN_NUMEL = 1 << 12  # below this, ctypes' call overhead is more than torch's
+
+
+def _library_path() -> Path:
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    name = f"qsim_native-{digest}.so"
+    local = Path(__file__).with_name("_native")
+    if os.access(local.parent, os.W_OK) or (local / name).exists():
+        return local / name
+    return Path.home() / ".cache" / "qsim" / name
+
+
+def build() -> Path:
+    """Compile native.c (if this source and these flags have no library yet); returns its path."""
+    path = _library_path()
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    compiler = os.environ.get("CC", "cc")
+    subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(tmp), "-lm"], check=True, capture_output=True, text=True)
+    os.replace(tmp, path)  # atomic: a concurrent run sees the whole library or none
+    return path
+
+
+def _mode() -> str:
+    mode = os.environ.get("QSIM_KERNELS", "auto")
+    if mode not in MODES:
+        raise ValueError(f"QSIM_KERNELS={mode!r}; valid: {', '.join(MODES)}")
+    return mode
+
+
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded library, or None (QSIM_KERNELS=torch, or it could not be built)."""
+    global _lib, _tried
+    mode = _mode()
+    if mode == "torch":
+        return None
+    if not _tried:
+        _tried = True
+        try:
+            _lib = _load(build())
+        except (OSError, subprocess.CalledProcessError) as err:
+            detail = getattr(err, "stderr", "") or str(err)
+            if mode == "native":
+                raise RuntimeError(f"QSIM_KERNELS=native but qsim/native.c did not build: {detail.strip()}") from err
+            warnings.warn(f"qsim's compiled kernels are unavailable ({detail.strip()[:200]}); "
+                          "the torch kernels run (same numbers, slower)", stacklevel=2)
+    return _lib
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    lib.qsim_round_float.argtypes = [p, p, i64, i64, p, i64, i32, i32, i32, f32, i32]
+    lib.qsim_round_int.argtypes = [p, p, i64, i64, p, i64, f32, i32]
+    lib.qsim_row_amax.argtypes = [p, p, i64, i64, i32]
+    lib.qsim_block_quantize.argtypes = [p, p, i64, i64, i32, i32, i32, i32, i32, f32, i32, f32, i32, p, i64, i32]
+    for fn in (lib.qsim_round_float, lib.qsim_round_int, lib.qsim_row_amax, lib.qsim_block_quantize):
+        fn.restype = None
+    return lib
+
+
+def kernels_in_use() -> str:
+    """"native" or "torch": which kernels this process runs (for result.json)."""
+    return "native" if library() is not None else "torch"
+
+
+def _eligible(x: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous()
+            and x.numel() >= _MIN_NUMEL)
+
+
+def _row_scales(x: torch.Tensor, scale: torch.Tensor | None):
+    """(n_rows, row_len, scale tensor or None, scale stride) when each scale covers whole rows
+    of contiguous x (one scale, or one per index of x's leading dims); None otherwise."""
+    numel = x.numel()
+    if scale is None or scale.numel() == 1:
+        row_len = 1 << 14 if numel % (1 << 14) == 0 else (x.shape[-1] if x.dim() else 1)
+        s = None if scale is None else scale.detach().float().reshape(1).contiguous()
+        return numel // row_len, row_len, s, 0
+    if scale.dim() != x.dim() or scale.device != x.device:
+        return None
+    lead = scale.dim()
+    while lead > 0 and scale.shape[lead - 1] == 1:
+        lead -= 1
+    if tuple(scale.shape[:lead]) != tuple(x.shape[:lead]):
+        return None
+    n_rows = scale.numel()
+    return n_rows, numel // n_rows, scale.detach().float().reshape(n_rows).contiguous(), 1
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+def round_float(x: torch.Tensor, scale: torch.Tensor | None, fmt) -> torch.Tensor | None:
+    """FloatFormat.quantize_scaled (or quantize, scale None) for nearest, saturating formats with
+    subnormals; None where the native path does not apply."""
+    lib = library()
+    if lib is None or not _eligible(x):
+        return None
+    rows = _row_scales(x, scale)
+    if rows is None:
+        return None
+    n_rows, row_len, s, stride = rows
+    out = torch.empty_like(x)
+    lib.qsim_round_float(x.data_ptr(), out.data_ptr(), n_rows, row_len, None if s is None else s.data_ptr(), stride,
+                         fmt.emin, fmt.emax, fmt.man_bits, fmt.max, _threads())
+    return out
+
+
+def round_int(x: torch.Tensor, scale: torch.Tensor | None, fmt) -> torch.Tensor | None:
+    """IntFormat.quantize_scaled (or quantize) with nearest rounding; None where it does not apply."""
+    lib = library()
+    if lib is None or not _eligible(x):
+        return None
+    rows = _row_scales(x, scale)
+    if rows is None:
+        return None
+    n_rows, row_len, s, stride = rows
+    out = torch.empty_like(x)
+    lib.qsim_round_int(x.data_ptr(), out.data_ptr(), n_rows, row_len, None if s is None else s.data_ptr(), stride,
+                       fmt.max, _threads())
+    return out
+
+
+def row_amax(x: torch.Tensor) -> torch.Tensor | None:
+    """x.abs().amax(-1, keepdim=True) for contiguous fp32 CPU x; None where it does not apply."""
+    lib = library()
+    if lib is None or not _eligible(x) or x.dim() == 0:
+        return None
+    out = torch.empty((*x.shape[:-1], 1), dtype=torch.float32)
+    lib.qsim_row_amax(x.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], _threads())
+    return out
+
+
+SCALE_RULES = {"fp32": 0, "bf16": 1, ("e8m0", "floor"): 2, ("e8m0", "ceil"): 3, "e4m3": 4}  # native.c's enum
+
+
+def element_supported(fmt) -> bool:
+    """Element grids native.c rounds: int (nearest) and minifloats (nearest, saturating, subnormals)."""
+    if fmt.kind == "int":
+        return fmt.rounding == "nearest"
+    return (fmt.kind == "float" and fmt.has_fast_kernel and fmt.rounding == "nearest" and fmt.saturate
+            and fmt.subnormals)
+
+
+def block_quantize(view: torch.Tensor, spec, fmt, tensor_scale: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Symmetric token/block fake quantization of view [..., n] (the scaled vector last) in one
+    pass: each row's amax, its scale by spec's scale dtype and rule, and the rounding. E4M3 block
+    scales sit under an fp32 scale: tensor_scale (one, 0 already replaced by 1), or, if None,
+    one per token computed here (view [..., blocks, n]). None where the native path does not apply."""
+    lib = library()
+    if lib is None or not _eligible(view) or not element_supported(fmt):
+        return None
+    rule = SCALE_RULES[(spec.scale_dtype, spec.scale_rule) if spec.scale_dtype == "e8m0" else spec.scale_dtype]
+    row_len = view.shape[-1]
+    n_rows = view.numel() // row_len
+    is_int = fmt.kind == "int"
+    exp_offset, max_mant, frac_bits = 0, 0.0, 0
+    if spec.scale_dtype == "e8m0":
+        frac_bits = fmt.max_exponent if is_int else 0
+        if spec.scale_rule == "floor":
+            exp_offset = 1 + (0 if is_int else fmt.emax)
+        else:
+            max_mant, exp_offset = math.frexp(fmt.max * 2.0**-frac_bits)
+    rows_per_group, ts = 1, None
+    if spec.scale_dtype == "e4m3":
+        if tensor_scale is not None:
+            if tensor_scale.numel() != 1:
+                return None
+            ts, rows_per_group = tensor_scale.detach().float().reshape(1).contiguous(), n_rows
+        elif view.dim() >= 2:
+            rows_per_group = view.shape[-2]
+        else:
+            return None
+    out = torch.empty_like(view)
+    lib.qsim_block_quantize(view.data_ptr(), out.data_ptr(), n_rows, row_len, rule, is_int,
+                            0 if is_int else fmt.emin, 0 if is_int else fmt.emax, 0 if is_int else fmt.man_bits,
+                            fmt.max, exp_offset, max_mant, frac_bits, None if ts is None else ts.data_ptr(),
+                            rows_per_group, _threads())
+    return out
+
+
+if __name__ == "__main__":  # `make install`: build now, loudly
+    print(f"built {build()}", file=sys.stderr)

@@ -1,0 +1,151 @@
+"""The compiled kernels (qsim/native.c) against the torch kernels they replace: the same bits.
+
+The torch kernels are checked against the code-point enumerations and the OCP / NVFP4 oracles
+(test_formats.py, test_mx.py); here every native path runs beside its torch twin
+(QSIM_KERNELS=torch) on inputs large enough to take it, with the values that break naive code:
+NaN, +-inf, +-0, fp32 subnormals, all-zero and all-subnormal blocks, block maxima one ulp below
+a power of two, values far beyond the grid, and lengths that the block does not divide.
+"""
+import math
+
+import pytest
+import torch
+
+from qsim import native
+from qsim.formats import get_format
+from qsim.quantizer import SCALED_FORMATS, QuantSpec, fake_quantize
+
+
+@pytest.fixture
+def kernels(monkeypatch):
+    """run(fn) -> (native result, torch result)."""
+    def run(fn):
+        monkeypatch.setenv("QSIM_KERNELS", "native")
+        fast = fn()
+        monkeypatch.setenv("QSIM_KERNELS", "torch")
+        slow = fn()
+        monkeypatch.setenv("QSIM_KERNELS", "native")
+        return fast, slow
+    return run
+
+
+def assert_same_bits(a: torch.Tensor, b: torch.Tensor):
+    assert a.shape == b.shape and a.dtype == b.dtype
+    nan = a.isnan()
+    assert torch.equal(nan, b.isnan())
+    assert torch.equal(a[~nan].view(torch.int32), b[~nan].view(torch.int32))
+
+
+def hard_values(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, cols, generator=g) * torch.logspace(-6, 6, cols).roll(seed)
+    flat = x.view(-1)
+    specials = [math.nan, math.inf, -math.inf, 0.0, -0.0, 1e-40, -1e-45, 3e38, -3e38, 448.0, 6.0, 7.5, 1.0]
+    flat[: len(specials) * 7] = torch.tensor(specials * 7)
+    x[1] = 0.0  # all-zero rows and blocks
+    x[2] = -0.0
+    x[3] = torch.randn(cols, generator=g) * 1e-41  # fp32 subnormals only
+    x[4] = torch.nextafter(2.0 ** (torch.arange(cols) % 20 - 6.0), torch.zeros(cols))  # one ulp below 2**k
+    x[5, ::16] = torch.nextafter(torch.tensor(8.0), torch.tensor(0.0))
+    x[6] = x[6].sign() * torch.nextafter(torch.tensor(6.0 * 2.0**-3), torch.tensor(0.0))
+    return x
+
+
+def test_the_library_builds_and_loads():
+    assert native.library() is not None, "qsim/native.c did not build (see the warning)"
+    assert native.kernels_in_use() == "native"
+
+
+def test_qsim_kernels_torch_turns_it_off(monkeypatch):
+    monkeypatch.setenv("QSIM_KERNELS", "torch")
+    assert native.kernels_in_use() == "torch"
+    monkeypatch.setenv("QSIM_KERNELS", "fast")
+    with pytest.raises(ValueError, match="QSIM_KERNELS"):
+        native.library()
+
+
+ELEMENT_FORMATS = ["int2", "int3", "int4", "int8", "int16", "e1m2", "e2m1", "e2m3", "e3m2", "e4m3", "e5m2",
+                   "e4m3_finite", "e3m4", "e8m7", "e5m10_ieee", "e6m9"]
+
+
+@pytest.mark.parametrize("name", ELEMENT_FORMATS)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_element_kernels_match_torch(name, threads, kernels):
+    fmt = get_format(name)
+    x = hard_values(96, 1024)
+    scale_row = torch.rand(96, 1, generator=torch.Generator().manual_seed(1)) + 0.25
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for fast, slow in (kernels(lambda: fmt.quantize(x)),
+                           kernels(lambda: fmt.quantize_scaled(x, scale_row)),
+                           kernels(lambda: fmt.quantize_scaled(x, torch.tensor(0.37)))):
+            assert_same_bits(fast, slow)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("name", sorted(SCALED_FORMATS))
+@pytest.mark.parametrize("rule", ["floor", "ceil"])
+@pytest.mark.parametrize("cols", [1024, 1000, 48])
+def test_scaled_formats_match_torch(name, rule, cols, kernels):
+    x = hard_values(160, cols, seed=cols)
+    for spec in (QuantSpec(format=name, scale_rule=rule), QuantSpec(format=name, scale_rule=rule, global_scale="tensor")):
+        fast, slow = kernels(lambda: fake_quantize(x, spec))
+        assert_same_bits(fast, slow)
+
+
+def test_nvfp4_static_tensor_scale_matches_torch(kernels):
+    x = hard_values(128, 1024)
+    spec = QuantSpec(format="nvfp4", mode="static")
+    for amax in (torch.tensor(5.0), torch.tensor(0.0), torch.tensor(math.inf)):
+        fast, slow = kernels(lambda: fake_quantize(x, spec, amax))
+        assert_same_bits(fast, slow)
+
+
+@pytest.mark.parametrize("name", ["int4", "int8", "e2m1", "e4m3", "e1m2"])
+@pytest.mark.parametrize("scale_dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("granularity,block", [("block", 16), ("block", 64), ("block", 100), ("token", 64)])
+def test_abfp_blocks_match_torch(name, scale_dtype, granularity, block, kernels):
+    x = hard_values(64, 1024, seed=block)
+    spec = QuantSpec(format=name, granularity=granularity, block=block, scale_dtype=scale_dtype)
+    fast, slow = kernels(lambda: fake_quantize(x, spec))
+    assert_same_bits(fast, slow)
+    moved = x.t().contiguous()  # a scaled axis that is not last: moved into place first
+    spec0 = QuantSpec(format=name, granularity=granularity, block=block, scale_dtype=scale_dtype, axis=0)
+    fast, slow = kernels(lambda: fake_quantize(moved, spec0))
+    assert_same_bits(fast, slow)
+
+
+def test_native_path_is_the_one_taken(monkeypatch):
+    """The large inputs above really run native.c (a None here would compare torch with torch)."""
+    x = hard_values(64, 1024)
+    assert native.round_float(x, None, get_format("e4m3")) is not None
+    assert native.round_int(x, torch.tensor(0.5), get_format("int4")) is not None
+    spec = QuantSpec(format="mxfp4")
+    assert native.block_quantize(x.view(64, 32, 32), spec, spec.fmt) is not None
+    assert native.row_amax(x) is not None
+    assert native.round_float(x[:, :3].contiguous(), None, get_format("e4m3")) is None  # small: torch's
+    assert native.round_float(x.double(), None, get_format("e4m3")) is None
+
+
+def test_a_quantized_model_is_bit_identical_under_both_kernels(kernels):
+    """A whole forward of a model with W4A8 ABFP linears and MXFP4/NVFP4 operands."""
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 256))
+    x = torch.randn(4, 64, 256)
+    for act in ("mxfp4", "nvfp4", "e4m3"):
+        spec = QuantSpec(format=act, granularity="token")
+        wspec = QuantSpec(format="int4", granularity="block", block=64, scale_dtype="bf16")
+
+        def forward():
+            h = x
+            for module in layer:
+                if isinstance(module, torch.nn.Linear):
+                    h = torch.nn.functional.linear(fake_quantize(h, spec), fake_quantize(module.weight, wspec), module.bias)
+                else:
+                    h = module(h)
+            return h
+        with torch.inference_mode():
+            fast, slow = kernels(forward)
+        assert_same_bits(fast, slow)
