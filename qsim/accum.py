@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import native
 from .formats import FloatFormat, get_format
 
 # The accumulator formats by name: IEEE bf16 (e8m7) and IEEE fp16 (e5m10, overflow to inf).
@@ -100,6 +101,8 @@ def _accumulate(a: torch.Tensor, b: torch.Tensor, acc: Accumulator) -> torch.Ten
             total = round_float64_reference(total + a64[..., :, j : j + 1] * b64[..., j : j + 1, :], grid)
         return total.float()
     chunks = -(-k // acc.chunk)
+    if native.library() is not None and a.device.type == "cpu":
+        return _accumulate_by_chunk(a64, b64, acc, chunks)
     pad = chunks * acc.chunk - k
     if pad:  # zero products leave every partial sum unchanged
         a64 = torch.nn.functional.pad(a64, (0, pad))
@@ -114,6 +117,16 @@ def _accumulate(a: torch.Tensor, b: torch.Tensor, acc: Accumulator) -> torch.Ten
     out = partial[..., 0, :, :].clone()
     for c in range(1, chunks):
         out += partial[..., c, :, :]  # fp32 adds, in chunk order
+    return out
+
+
+def _accumulate_by_chunk(a64: torch.Tensor, b64: torch.Tensor, acc: Accumulator, chunks: int) -> torch.Tensor:
+    """_accumulate's chunked case one chunk at a time, each rounded and added by native.c while
+    it is in cache (the same bits: the same float64 partial sums, rounding and fp32 adds)."""
+    out = None
+    for c in range(chunks):
+        cols = slice(c * acc.chunk, (c + 1) * acc.chunk)
+        out = native.accumulate_chunk(torch.matmul(a64[..., cols], b64[..., cols, :]).contiguous(), out, acc.grid)
     return out
 
 

@@ -211,3 +211,31 @@ void qsim_block_quantize(const float *restrict x, float *restrict out, int64_t n
         }
     }
 }
+
+static inline double bits_to_double(uint64_t b) { double d; memcpy(&d, &b, 8); return d; }
+static inline uint64_t double_to_bits(double d) { uint64_t b; memcpy(&b, &d, 8); return b; }
+
+/* accum.round_float64_reference for one float64 value: round once to the grid with man_bits
+ * mantissa bits and smallest normal exponent emin (nearest, ties to even), beyond max -> inf;
+ * inf and NaN stay. Add and subtract 1.5 * 2**(E + 52 - m), as round_minifloat in double. */
+static inline double round_accumulator(double v, int man_bits, double binade_lo, double max) {
+    if (!(v - v == 0.0)) return v; /* inf or NaN */
+    double binade = bits_to_double(double_to_bits(v) & 0x7FF0000000000000ull);
+    binade = binade < binade_lo ? binade_lo : binade;
+    const double shift = binade * (1.5 * (double)(1ull << (52 - man_bits)));
+    const double q = (v + shift) - shift;
+    return fabs(q) > max ? copysign(INFINITY, v) : copysign(q, v);
+}
+
+/* One chunk of a narrow-accumulator matmul (accum.py): partial holds the chunk's float64
+ * partial sums; each is rounded to the accumulator grid, then added to out in fp32 (first
+ * chunk: out = it). */
+void qsim_accumulate_chunk(const double *restrict partial, float *restrict out, int64_t n, int first, int man_bits,
+                           int emin, double max, int threads) {
+    const double binade_lo = ldexp(1.0, emin);
+#pragma omp parallel for schedule(static) num_threads(threads) if (n > (1 << 16))
+    for (int64_t i = 0; i < n; i++) {
+        const float q = (float)round_accumulator(partial[i], man_bits, binade_lo, max);
+        out[i] = first ? q : out[i] + q;
+    }
+}

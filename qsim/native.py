@@ -89,7 +89,9 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.qsim_round_int.argtypes = [p, p, i64, i64, p, i64, f32, i32]
     lib.qsim_row_amax.argtypes = [p, p, i64, i64, i32]
     lib.qsim_block_quantize.argtypes = [p, p, i64, i64, i32, i32, i32, i32, i32, f32, i32, f32, i32, p, i64, i32]
-    for fn in (lib.qsim_round_float, lib.qsim_round_int, lib.qsim_row_amax, lib.qsim_block_quantize):
+    lib.qsim_accumulate_chunk.argtypes = [p, p, i64, i32, i32, i32, ctypes.c_double, i32]
+    for fn in (lib.qsim_round_float, lib.qsim_round_int, lib.qsim_row_amax, lib.qsim_block_quantize,
+               lib.qsim_accumulate_chunk):
         fn.restype = None
     return lib
 
@@ -213,6 +215,20 @@ def block_quantize(view: torch.Tensor, spec, fmt, tensor_scale: torch.Tensor | N
                             0 if is_int else fmt.emin, 0 if is_int else fmt.emax, 0 if is_int else fmt.man_bits,
                             fmt.max, exp_offset, max_mant, frac_bits, None if ts is None else ts.data_ptr(),
                             rows_per_group, _threads())
+    return out
+
+
+def accumulate_chunk(partial: torch.Tensor, out: torch.Tensor | None, grid) -> torch.Tensor | None:
+    """One chunk of accum.py's narrow accumulator: partial (float64 partial sums) rounded once to
+    grid and added to out in fp32 (out None: the first chunk, returned new). None off the native path."""
+    lib = library()
+    if lib is None or partial.device.type != "cpu" or partial.dtype != torch.float64 or not partial.is_contiguous():
+        return None
+    first = out is None
+    if first:
+        out = torch.empty(partial.shape, dtype=torch.float32)
+    lib.qsim_accumulate_chunk(partial.data_ptr(), out.data_ptr(), partial.numel(), first, grid.man_bits, grid.emin,
+                              grid.max, _threads())
     return out
 
 

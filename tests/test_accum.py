@@ -61,10 +61,12 @@ def operands(kind: str, seed: int):
     return a, b
 
 
+@pytest.mark.parametrize("kernels", ["native", "torch"])  # qsim/native.c's chunk loop, and torch's
 @pytest.mark.parametrize("kind", ["gaussian", "quantized"])
 @pytest.mark.parametrize("chunk", [None, 1, 4, 16, 37, 100])
 @pytest.mark.parametrize("fmt", ["bf16", "fp16"])
-def test_accumulation_equals_the_float64_loop(fmt, chunk, kind):
+def test_accumulation_equals_the_float64_loop(fmt, chunk, kind, kernels, monkeypatch):
+    monkeypatch.setenv("QSIM_KERNELS", kernels)
     a, b = operands(kind, seed=len(kind) + (chunk or 0))
     got = matmul(a, b, Accumulator(fmt, chunk))
     want = torch.from_numpy(reference(a.numpy(), b.numpy(), fmt, chunk))

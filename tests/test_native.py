@@ -149,3 +149,22 @@ def test_a_quantized_model_is_bit_identical_under_both_kernels(kernels):
         with torch.inference_mode():
             fast, slow = kernels(forward)
         assert_same_bits(fast, slow)
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp16"])
+@pytest.mark.parametrize("chunk", [128, 32, 1000])
+def test_narrow_accumulators_match_torch(fmt, chunk, kernels):
+    """Partial sums rounded to bf16/fp16 (accum.py), including inf/NaN operands, fp16 overflow,
+    partial sums in the accumulator's subnormal range, and broadcast batch dims."""
+    from qsim.accum import Accumulator, matmul
+    g = torch.Generator().manual_seed(chunk)
+    a, b = torch.randn(96, 576, generator=g) * 300, torch.randn(576, 200, generator=g) * 300
+    a[0, :3], a[1, 0], a[2, 5] = math.inf, math.nan, -math.inf
+    b[:, 2] *= 1e-40  # products far below bf16's and fp16's smallest normal
+    acc = Accumulator(fmt, chunk)
+    fast, slow = kernels(lambda: matmul(a, b, acc))
+    assert_same_bits(fast, slow)
+    assert fast.isinf().any() and fast.isnan().any()
+    heads_a, heads_b = torch.randn(2, 3, 64, 200, generator=g), torch.randn(3, 200, 64, generator=g)
+    fast, slow = kernels(lambda: matmul(heads_a, heads_b, acc))
+    assert_same_bits(fast, slow)
