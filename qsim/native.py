@@ -27,7 +27,6 @@ import torch
 SOURCE = Path(__file__).with_name("native.c")
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
 MODES = ("auto", "native", "torch")
-_MIN_NUMEL = 1 << 12  # below this, ctypes' call overhead is more than torch's
 
 
 def _library_path() -> Path:
@@ -103,7 +102,7 @@ def kernels_in_use() -> str:
 
 def _eligible(x: torch.Tensor) -> bool:
     return (x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous()
-            and x.numel() >= _MIN_NUMEL)
+            and x.numel() > 0)  # even tiny tensors: one ctypes call (~8 us) beats torch's dozen ops (~25 us)
 
 
 def _row_scales(x: torch.Tensor, scale: torch.Tensor | None):
