@@ -240,17 +240,23 @@ def bench_block(path: Path) -> str:
                      f"| {row['ratio_of_totals']:.2f} | {target} |")
 
     def kernels(names):
-        return " / ".join(f"{fk[n]['x_clone']:.1f}" for n in names)
+        native = " / ".join(f"{fk[n]['x_clone']:.1f}" for n in names)
+        if not all("torch_x_clone" in fk[n] for n in names):  # bench files before native.c
+            return native
+        return f"{native} (torch kernels: {' / '.join(format(fk[n]['torch_x_clone'], '.1f') for n in names)})"
 
     qtorch = [n for n in ("e1m2", "e4m3", "e2m1") if "speedup_vs_qtorch" in fk[n]]
     lines += [
         "",
         "| cost | measured |",
         "|---|---:|",
-        f"| fake-quantize {fk['numel'] / 2**20:g}M fp32 elements, in `x.clone()` times: INT4 / INT8 | {kernels(['int4', 'int8'])} |",
-        f"| the same, E1M2 / E4M3 / E2M1 | {kernels(['e1m2', 'e4m3', 'e2m1'])} |",
+        f"| fake-quantize {fk['numel'] / 2**20:g}M fp32 elements, in `x.clone()` times "
+        f"({'compiled kernels, qsim/native.c' if fk.get('kernels') == 'native' else 'torch kernels'}): "
+        f"INT4 / INT8 | {kernels(['int4', 'int8'])} |",
+        f"| the same, E1M2 / E4M3 / E2M1 (target <= 2.5) | {kernels(['e1m2', 'e4m3', 'e2m1'])} |",
         f"| the same, ABFP-64 INT4 / ABFP-64 E2M1 | {kernels(['abfp64-int4', 'abfp64-e2m1'])} |",
-        *([f"| the same, MXFP4 / MXFP8 E4M3 / NVFP4 (scales included) | {kernels(['mxfp4', 'mxfp8_e4m3', 'nvfp4'])} |"]
+        *([f"| the same, MXFP4 / MXFP8 E4M3 (target <= 2.5) / NVFP4, scales included "
+           f"| {kernels(['mxfp4', 'mxfp8_e4m3', 'nvfp4'])} |"]
           if "nvfp4" in fk else []),
         f"| speed-up over qtorch `float_quantize`, {' / '.join(n.upper() for n in qtorch)} "
         f"| {' / '.join(format(fk[n]['speedup_vs_qtorch'], '.1f') + 'x' for n in qtorch)} |",
