@@ -76,7 +76,7 @@ def quantize(model: torch.nn.Module, format: str = "w4a8", method: str = "abfp",
     if needs_calib and calib is None:
         if tokenizer is None:
             raise ConfigError(f"method {cfg.method.name!r} needs calibration data: pass calib= token windows or tokenizer=")
-        data.check_available(cfg.calib.dataset, cfg.calib.split)
+        data.check_available(*calibration_source(cfg))
     try:
         plan = build_plan(cfg)
     except ValueError as err:

@@ -326,8 +326,13 @@ def validate(cfg) -> None:
             raise ConfigError(f"abfp.scale_format={cfg.abfp.scale_format!r}: {err} (e.g. int8, e4m3)") from None
     _choice("task", cfg.task.name, sorted(TASKS))
     from .data import TEXT_DATASETS
+    from .tasks import TASK_CALIBRATION
 
-    _choice("calib.dataset", cfg.calib.dataset, TEXT_DATASETS)
+    _choice("calib.dataset", cfg.calib.dataset, (*TEXT_DATASETS, TASK_CALIBRATION))
+    own = TASKS[cfg.task.name].calibration
+    if cfg.calib.dataset == TASK_CALIBRATION and cfg.calib.split != CalibConfig.split:
+        raise ConfigError(f"calib.split={cfg.calib.split} names a corpus split; with calib.dataset=task the task's "
+                          f"own is read ({f'{own.dataset} {own.split}' if own else f'task {cfg.task.name} has none'})")
     if family_of(cfg.model) not in TASKS[cfg.task.name].families:
         raise ConfigError(f"task={cfg.task.name} scores {' or '.join(TASKS[cfg.task.name].families)} models; "
                           f"model {cfg.model.name!r} is a {family_of(cfg.model)} (model.family)")

@@ -24,7 +24,9 @@ OFFLINE_FILES = {
     ("ptb", "test"): "ptb/test.txt",
     ("sst2", "train"): "glue/sst2/train.tsv",
     ("sst2", "validation"): "glue/sst2/dev.tsv",
+    ("stsb", "train"): "glue/stsb/train.tsv",
     ("stsb", "validation"): "glue/stsb/dev.tsv",
+    ("squad", "train"): "squad-v1.1/train-v1.1.json",
     ("squad", "validation"): "squad-v1.1/dev-v1.1.json",
     ("humaneval", "test"): "humaneval/HumanEval.jsonl.gz",
     ("imagenet", "validation"): "imagenet/val",  # an image folder: one sub-folder per class
@@ -223,11 +225,16 @@ def tokenize(tokenizer, text: str) -> "torch.Tensor":
 
 def calibration_windows(tokenizer, dataset: str, split: str, n_samples: int, seq_len: int, seed: int) -> "torch.Tensor":
     """`n_samples` random token windows of `seq_len` (GPTQ's sampler), deterministic per seed."""
+    return sample_windows(tokenize(tokenizer, join_text(load_rows(dataset, split))), n_samples, seq_len, seed,
+                          f"{dataset} {split}")
+
+
+def sample_windows(ids: "torch.Tensor", n_samples: int, seq_len: int, seed: int, source: str) -> "torch.Tensor":
+    """n_samples windows of seq_len tokens at seeded random starts in ids."""
     import torch
 
-    ids = tokenize(tokenizer, join_text(load_rows(dataset, split)))
     if ids.numel() <= seq_len:
-        raise DataError(f"{dataset} {split} has {ids.numel()} tokens, fewer than calib seq_len {seq_len}")
+        raise DataError(f"{source} has {ids.numel()} tokens, fewer than calib seq_len {seq_len}")
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seq_len, (n_samples,), generator=gen)
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])

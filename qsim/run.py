@@ -22,7 +22,7 @@ from .quantizer import QuantSpec
 from .results import RESULT_FILE, identity_fields, versions, write_json_atomic
 from .surgery import (LayerQuant, SurgeryError, SurgeryPlan, check_patterns, compact_names, freeze_quantized_weights,
                       model_leaks, plan_leaks, quantize_model)
-from .tasks import TASKS
+from .tasks import TASKS, calibration_source, calibration_windows
 
 log = logging.getLogger("qsim")
 console = Console(stderr=True)
@@ -88,7 +88,7 @@ def preflight(cfg, reads: str = "task") -> SurgeryPlan:
     TASKS[cfg.task.name].check(cfg)
     if calibrates:
         try:
-            data.check_available(cfg.calib.dataset, cfg.calib.split)
+            data.check_available(*calibration_source(cfg))
         except data.DataError as err:
             raise ConfigError(f"method {cfg.method.name!r} needs calibration data: {err}") from None
     try:
@@ -133,7 +133,7 @@ def data_read(cfg) -> dict:
     steps = [METHODS[s] for s in cfg.method.steps]
     pairs = {"eval": TASKS[cfg.task.name].reads(cfg)}
     if any(m.needs_calibration for m in steps):
-        pairs["calib"] = [(cfg.calib.dataset, cfg.calib.split)]
+        pairs["calib"] = [calibration_source(cfg)]
     for m in steps:
         if m.reads(cfg):
             pairs[m.name] = m.reads(cfg)
@@ -148,12 +148,12 @@ def run_identity(cfg) -> dict:
 
 def calibrate(model, tokenizer, cfg, progress: Progress | None = None, calib: torch.Tensor | None = None) -> dict:
     """Each method stage in order on the quantized model, with calibration windows if one needs
-    them (`calib`, or cfg.calib's read with the tokenizer); returns each stage's facts."""
+    them (`calib`, or cfg.calib's read with the tokenizer, from the task with calib.dataset=task);
+    returns each stage's facts."""
     method_facts = {}
     steps = [METHODS[s] for s in cfg.method.steps]
     if calib is None and any(m.needs_calibration for m in steps):
-        c = cfg.calib
-        calib = data.calibration_windows(tokenizer, c.dataset, c.split, c.n_samples, c.seq_len, c.seed)
+        calib = calibration_windows(tokenizer, cfg)
     for m in steps:
         t0 = time.time()
         facts = m.apply(StageContext(model, calib, cfg, Bar(progress, f"calibrate {m.name}"), tokenizer)) or {}

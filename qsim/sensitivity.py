@@ -222,7 +222,7 @@ def cmd_sensitivity(args: list[str]) -> None:
         plan = preflight(cfg, reads="sensitivity")
         if min(cfg.sensitivity.windows, cfg.sensitivity.top, cfg.sensitivity.seq_len - 1) < 1:
             raise ConfigError("sensitivity.windows and sensitivity.top must be >= 1, sensitivity.seq_len >= 2")
-        data.check_available(cfg.calib.dataset, cfg.calib.split)
+        data.check_available(*calibration_source(cfg))
     except (ConfigError, data.DataError) as err:
         fail(str(err))
     if out_dir is None:
@@ -239,9 +239,7 @@ def cmd_sensitivity(args: list[str]) -> None:
             lm = load_model(cfg.model)
             quantize_model(lm.model, plan)
             facts = calibrate(lm.model, lm.tokenizer, cfg, progress)
-            c = cfg.calib
-            windows = data.calibration_windows(lm.tokenizer, c.dataset, c.split, cfg.sensitivity.windows,
-                                               cfg.sensitivity.seq_len, c.seed)
+            windows = calibration_windows(lm.tokenizer, cfg, cfg.sensitivity.windows, cfg.sensitivity.seq_len)
             t1 = time.time()
             out = measure(lm.model, windows, Bar(progress, "sensitivity"), list(cfg.sensitivity.units))
     except (ModelLoadError, SurgeryError, data.DataError, ValueError) as err:
@@ -254,7 +252,7 @@ def cmd_sensitivity(args: list[str]) -> None:
         **out, "windows": len(windows), "seq_len": int(windows.shape[1]), "methods": facts,
         "timings": {"measure": seconds, "total": round(time.time() - t0, 1)}, "versions": versions(),
         "config": OmegaConf.to_container(cfg, resolve=True), **run_identity(cfg),
-        "windows_data": data.data_identity(cfg.calib.dataset, cfg.calib.split)})
+        "windows_data": data.data_identity(*calibration_source(cfg))})
     table = Table(title=f"sensitivity: {title} ({len(windows)} windows x {windows.shape[1]}, {seconds} s)")
     for col in ("rank", "unit", "kind", "only (loss - float)", "all but (all-quant - loss)"):
         table.add_column(col, justify="left" if col in ("unit", "kind") else "right", no_wrap=col == "unit")

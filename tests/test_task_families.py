@@ -185,3 +185,60 @@ def test_lm_eval_bridge_scores_the_simulated_model_in_memory_offline(tmp_path):
 def test_lm_eval_without_tasks_is_a_one_line_error(tmp_path):
     run = qsim_run(tmp_path, "task=lm_eval")
     assert run.returncode == 2 and "task.tasks=[...]" in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
+
+
+# --- a task's own calibration text (calib.dataset=task)
+
+def _windows(smollm2, *overrides):
+    from qsim.config import compose_config
+    from qsim.tasks import calibration_windows
+
+    cfg = compose_config(["calib.dataset=task", "calib.n_samples=2", "calib.seq_len=64", *overrides])
+    return [smollm2.tokenizer.decode(w) for w in calibration_windows(smollm2.tokenizer, cfg)]
+
+
+def test_sst2_calibrates_on_its_training_sentences_as_the_task_prompts_them(smollm2):
+    first, second = _windows(smollm2, "task=sst2")
+    assert "\nQuestion: Is this sentence positive or negative?\nAnswer:" in first + second
+    # the same seeded starts as a corpus: SST-2 train's plain sentences are another text
+    plain = _windows(smollm2, "task=sst2", "calib.dataset=sst2", "calib.split=train")
+    assert plain != [first, second] and "Question:" not in "".join(plain)
+
+
+def test_squad_and_stsb_calibration_texts_come_from_their_training_splits(smollm2, tmp_path, monkeypatch):
+    # offline there is no SQuAD or STS-B train: a folder holding their dev files under the train names
+    data_dir = os.environ["QSIM_DATA_DIR"]
+    (tmp_path / "squad-v1.1").mkdir()
+    (tmp_path / "squad-v1.1" / "train-v1.1.json").symlink_to(f"{data_dir}/squad-v1.1/dev-v1.1.json")
+    (tmp_path / "glue" / "stsb").mkdir(parents=True)
+    (tmp_path / "glue" / "stsb" / "train.tsv").symlink_to(f"{data_dir}/glue/stsb/dev.tsv")
+    monkeypatch.setenv("QSIM_DATA_DIR", str(tmp_path))
+    squad = "".join(_windows(smollm2, "task=squad"))
+    assert "\n\nQuestion: " in squad and "Background: " in squad
+    from qsim.tasks.stsb import calibration_texts, pairs
+
+    rows = pairs("train", None)[0]
+    assert calibration_texts("stsb", "train")[:4] == [rows[0][0], rows[0][1], rows[1][0], rows[1][1]]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["task=humaneval"], "task 'humaneval' has no calibration split of its own"),
+    (["task=squad"], "squad-v1.1/train-v1.1.json"),  # online, the hub's train split
+    (["task=sst2", "task.split=train"], "would calibrate on sst2 train, the split task 'sst2' evaluates"),
+    (["task=sst2", "calib.split=train"], "calib.split=train names a corpus split; with calib.dataset=task the task's own is read (sst2 train)"),
+    (["model=minilm", "task=stsb"], "glue/stsb/train.tsv"),
+], ids=["humaneval", "squad-offline", "own-eval-split", "split-ignored", "stsb-offline"])
+def test_task_calibration_errors_stop_before_loading(overrides, message, tmp_path):
+    run = qsim_run(tmp_path, *overrides, "method=smoothquant", "calib.dataset=task")
+    assert run.returncode == 2 and message in run.stderr, run.stderr[-2000:]
+    assert len(run.stderr.strip().splitlines()) == 1
+
+
+def test_sst2_run_calibrated_on_the_task_records_its_calibration_data(tmp_path):
+    run = qsim_run(tmp_path, "task=sst2", "task.max_samples=24", "format=w4a8", "method=smoothquant",
+                   "calib.dataset=task", "calib.n_samples=4", "calib.seq_len=128")
+    assert run.returncode == 0, run.stderr[-2000:]
+    r = json.loads((tmp_path / "result.json").read_text())
+    assert r["data"]["calib"][0]["file"] == "glue/sst2/train.tsv" and r["data"]["eval"][0]["file"] == "glue/sst2/dev.tsv"
+    assert r["config"]["calib"]["dataset"] == "task"
+    assert r["eval"]["correct"] == PINNED_SST2_TASK_CALIBRATED

@@ -1,5 +1,7 @@
 """Evaluation tasks, registered by name. Each checks its data before the model
-loads (`check`) and evaluates a loaded model (`evaluate`)."""
+loads (`check`), evaluates a loaded model (`evaluate`) and may name its own
+calibration text (`calibration`: a split it never evaluates, written the way the
+task feeds the model), which `calib.dataset=task` reads instead of a plain corpus."""
 from __future__ import annotations
 
 import math
@@ -12,6 +14,17 @@ import torch.nn.functional as F
 from .. import data
 
 
+TASK_CALIBRATION = "task"  # calib.dataset value: the task's own calibration text
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A task's calibration text: (dataset, split) read by texts(dataset, split) -> strings."""
+    dataset: str
+    split: str
+    texts: Callable
+
+
 @dataclass(frozen=True)
 class Task:
     name: str
@@ -21,6 +34,36 @@ class Task:
     reads: Callable  # cfg -> [(dataset, split)] evaluate reads (after any fallback): part of the result's identity
     higher_is_better: bool = False
     families: tuple = ("causal-lm", "code-lm")  # the model families (models.FAMILIES) it can score
+    calibration: Calibration | None = None  # its own calibration text (calib.dataset=task); None: it has none
+
+
+def calibration_source(cfg) -> tuple[str, str]:
+    """(dataset, split) the calibration windows come from: calib.dataset and calib.split, or with
+    calib.dataset=task, the task's own split (raises data.DataError if it has none)."""
+    if cfg.calib.dataset != TASK_CALIBRATION:
+        return cfg.calib.dataset, cfg.calib.split
+    task = TASKS[cfg.task.name]
+    if task.calibration is None:
+        raise data.DataError(f"task {cfg.task.name!r} has no calibration split of its own (calib.dataset=task); "
+                             f"set calib.dataset to one of {', '.join(data.TEXT_DATASETS)}")
+    source = (task.calibration.dataset, task.calibration.split)
+    if source in task.reads(cfg):
+        raise data.DataError(f"calib.dataset=task would calibrate on {' '.join(source)}, the split task "
+                             f"{cfg.task.name!r} evaluates; evaluate another split or set calib.dataset")
+    return source
+
+
+def calibration_windows(tokenizer, cfg, n_samples: int | None = None, seq_len: int | None = None) -> torch.Tensor:
+    """cfg.calib's windows (n_samples x seq_len, defaults from cfg.calib; GPTQ's seeded sampler)
+    from calibration_source(cfg): a text corpus, or the task's own texts joined."""
+    c = cfg.calib
+    n_samples, seq_len = n_samples or c.n_samples, seq_len or c.seq_len
+    dataset, split = calibration_source(cfg)
+    if c.dataset != TASK_CALIBRATION:
+        return data.calibration_windows(tokenizer, dataset, split, n_samples, seq_len, c.seed)
+    texts = TASKS[cfg.task.name].calibration.texts(dataset, split)
+    return data.sample_windows(data.tokenize(tokenizer, data.join_text(texts)), n_samples, seq_len, c.seed,
+                               f"task {cfg.task.name}'s calibration text ({dataset} {split})")
 
 
 TASKS: dict[str, Task] = {}
@@ -117,6 +160,7 @@ def _evaluate_wikitext2(lm, cfg, progress=None) -> dict:
 
 
 TASKS["wikitext2"] = Task("wikitext2", "ppl", _check_wikitext2, _evaluate_wikitext2,
-                          reads=lambda cfg: [("wikitext2", _wikitext_split(cfg))])
+                          reads=lambda cfg: [("wikitext2", _wikitext_split(cfg))],
+                          calibration=Calibration("wikitext2", "train", lambda dataset, split: data.load_rows(dataset, split)))
 
 from . import humaneval, imagenet, lmeval, squad, sst2, stsb  # noqa: E402,F401  (registers; one file per task)

@@ -21,7 +21,7 @@ import string
 import torch
 
 from .. import data
-from . import TASKS, Task, greedy_generate
+from . import TASKS, Calibration, Task, greedy_generate
 
 PROMPT = "Title: {title}\n\nBackground: {context}\n\nQuestion: {question}\n\nAnswer:"
 
@@ -116,5 +116,11 @@ def _evaluate(lm, cfg, progress=None) -> dict:
             "examples": [{"id": q["id"], "prediction": p, "answers": q["answers"]} for q, p in zip(chosen[:5], predictions)]}
 
 
+def calibration_texts(dataset: str, split: str) -> list[str]:
+    """Training questions as the generative prompt reads them, each followed by its first answer."""
+    return [PROMPT.format(**q) + " " + q["answers"][0] for q in questions(split, None)[0] if q["answers"]]
+
+
 TASKS["squad"] = Task("squad", "f1", _check, _evaluate, reads=lambda cfg: [("squad", cfg.task.split)],
-                      higher_is_better=True, families=("qa-encoder", "causal-lm", "code-lm"))
+                      higher_is_better=True, families=("qa-encoder", "causal-lm", "code-lm"),
+                      calibration=Calibration("squad", "train", calibration_texts))

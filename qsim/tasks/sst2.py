@@ -11,10 +11,15 @@ import torch
 import torch.nn.functional as F
 
 from .. import data
-from . import TASKS, Task
+from . import TASKS, Calibration, Task
 
 PROMPT = "{sentence}\nQuestion: Is this sentence positive or negative?\nAnswer:"
 LABELS = (" negative", " positive")  # GLUE: 0 negative, 1 positive
+
+
+def calibration_texts(dataset: str, split: str) -> list[str]:
+    """The training sentences as the task reads them: the prompt and the gold label's word."""
+    return [PROMPT.format(sentence=s) + LABELS[label] for s, label in examples(split, None)[0]]
 
 
 def _check(cfg) -> None:
@@ -83,4 +88,5 @@ def _evaluate(lm, cfg, progress=None) -> dict:
 
 
 TASKS["sst2"] = Task("sst2", "accuracy", _check, _evaluate, reads=lambda cfg: [("sst2", cfg.task.split)],
-                     higher_is_better=True, families=("causal-lm", "code-lm", "seq-classifier"))
+                     higher_is_better=True, families=("causal-lm", "code-lm", "seq-classifier"),
+                     calibration=Calibration("sst2", "train", calibration_texts))

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import data
-from . import TASKS, Task
+from . import TASKS, Calibration, Task
 
 
 def _check(cfg) -> None:
@@ -57,5 +57,11 @@ def _evaluate(lm, cfg, progress=None) -> dict:
             "tokens_evaluated": tokens}
 
 
+def calibration_texts(dataset: str, split: str) -> list[str]:
+    """Both sentences of every training pair, as the task embeds them (one at a time)."""
+    return [s for first, second, _ in pairs(split, None)[0] for s in (first, second)]
+
+
 TASKS["stsb"] = Task("stsb", "spearman", _check, _evaluate, reads=lambda cfg: [("stsb", cfg.task.split)],
-                     higher_is_better=True, families=("sentence-encoder", "causal-lm"))
+                     higher_is_better=True, families=("sentence-encoder", "causal-lm"),
+                     calibration=Calibration("stsb", "train", calibration_texts))
