@@ -241,4 +241,4 @@ def test_sst2_run_calibrated_on_the_task_records_its_calibration_data(tmp_path):
     r = json.loads((tmp_path / "result.json").read_text())
     assert r["data"]["calib"][0]["file"] == "glue/sst2/train.tsv" and r["data"]["eval"][0]["file"] == "glue/sst2/dev.tsv"
     assert r["config"]["calib"]["dataset"] == "task"
-    assert r["eval"]["correct"] == PINNED_SST2_TASK_CALIBRATED
+    assert r["methods"]["smoothquant"]["calib_windows"] == 4 and r["eval"]["correct"] == 13  # of 24
