@@ -136,7 +136,17 @@ def trace_input_groups(model: nn.Module, ids: torch.Tensor) -> list[InputGroup]:
 
 
 def trace_ids(calib: torch.Tensor, length: int = 32) -> torch.Tensor:
+    """A short first input for tracing: the first window's first tokens (an image: the first)."""
+    if calib.is_floating_point():  # pixel_values [n, C, H, W]
+        return calib[:1]
     return calib[:1, : min(length, calib.shape[1])]
+
+
+def calib_extent(calib: torch.Tensor) -> dict:
+    """What a stage calibrated on, for its facts: token windows, or images (pixel_values)."""
+    if calib.is_floating_point():
+        return {"calib_images": len(calib), "calib_image_size": list(calib.shape[-2:])}
+    return {"calib_windows": len(calib), "calib_tokens": int(calib.numel())}
 
 
 class one_thread:

@@ -30,6 +30,7 @@ OFFLINE_FILES = {
     ("squad", "validation"): "squad-v1.1/dev-v1.1.json",
     ("humaneval", "test"): "humaneval/HumanEval.jsonl.gz",
     ("imagenet", "validation"): "imagenet/val",  # an image folder: one sub-folder per class
+    ("imagenet", "train"): "imagenet/train",
 }
 HUB = {
     "wikitext2": ("wikitext", "wikitext-2-raw-v1", "text"),

@@ -22,7 +22,7 @@ from .quantizer import QuantSpec
 from .results import RESULT_FILE, identity_fields, versions, write_json_atomic
 from .surgery import (LayerQuant, SurgeryError, SurgeryPlan, check_patterns, compact_names, freeze_quantized_weights,
                       model_leaks, plan_leaks, quantize_model)
-from .tasks import TASKS, calibration_source, calibration_windows
+from .tasks import TASK_CALIBRATION, TASKS, calibration_source, calibration_windows
 
 log = logging.getLogger("qsim")
 console = Console(stderr=True)
@@ -77,14 +77,24 @@ def build_plan(cfg) -> SurgeryPlan:
     return plan
 
 
+# Stages that calibrate on any input the model takes (float passes through every quantizer),
+# so also on an image task's pixel_values; the others need token windows or a language loss.
+IMAGE_CALIBRATION = ("mse", "smoothquant")
+
+
 def preflight(cfg, reads: str = "task") -> SurgeryPlan:
     """Every check that needs no weights: names, ranges, data on disk, override patterns.
     reads: the windows the command feeds besides the calibration's (see check_positions)."""
     validate(cfg)
-    calibrates = any(METHODS[s].needs_calibration for s in cfg.method.steps)
+    calibrates = [s for s in cfg.method.steps if METHODS[s].needs_calibration]
     if calibrates and family_of(cfg.model) == "image-classifier":
-        raise ConfigError(f"method {cfg.method.name!r} calibrates on text windows; image classifiers have no "
-                          "calibration batches yet: use a method without calibration (rtn, abfp, none)")
+        others = [s for s in calibrates if s not in IMAGE_CALIBRATION]
+        if others:
+            raise ConfigError(f"method step {others[0]!r} calibrates on token windows; an image classifier calibrates "
+                              f"with {' or '.join(IMAGE_CALIBRATION)} (calib.dataset=task), or use rtn, abfp, none")
+        if cfg.calib.dataset != TASK_CALIBRATION:
+            raise ConfigError(f"an image classifier calibrates on images: set calib.dataset=task "
+                              f"(task {cfg.task.name}'s own), not calib.dataset={cfg.calib.dataset}")
     TASKS[cfg.task.name].check(cfg)
     if calibrates:
         try:

@@ -137,18 +137,23 @@ def test_tiny_family_runs_end_to_end(model, tmp_path):
     assert r["value"] == pytest.approx(FAMILY_VALUES[model] if value is None else value, abs=1e-9)
 
 
-def test_imagenet_pipeline_on_generated_images_with_tiny_vit(tmp_path):
+def generated_imagenet(root, splits=("val",)):
+    """Image folders of 3 classes x 2 random images per split (a pipeline check, not a number)."""
     from PIL import Image
 
-    root = tmp_path / "data"
     rng = torch.Generator().manual_seed(0)
-    for label in range(3):
-        folder = root / "imagenet" / "val" / f"n0000000{label}"
-        folder.mkdir(parents=True)
-        for i in range(2):
-            pixels = torch.randint(0, 256, (40, 48, 3), generator=rng, dtype=torch.uint8).numpy()
-            Image.fromarray(pixels).save(folder / f"{i}.png")
-    env = {**os.environ, "QSIM_DATA_DIR": str(root)}
+    for split in splits:
+        for label in range(3):
+            folder = root / "imagenet" / split / f"n0000000{label}"
+            folder.mkdir(parents=True)
+            for i in range(2):
+                pixels = torch.randint(0, 256, (40, 48, 3), generator=rng, dtype=torch.uint8).numpy()
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return {**os.environ, "QSIM_DATA_DIR": str(root)}
+
+
+def test_imagenet_pipeline_on_generated_images_with_tiny_vit(tmp_path):
+    env = generated_imagenet(tmp_path / "data")
     run = qsim_run(tmp_path / "run", "model=tiny-vit", "task=imagenet", "format=w4a8", "method=abfp", env=env)
     assert run.returncode == 0, run.stderr[-2000:]
     r = _result(tmp_path / "run")
@@ -159,7 +164,8 @@ def test_imagenet_pipeline_on_generated_images_with_tiny_vit(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["model=minilm", "task=squad"], "task=squad scores qa-encoder or causal-lm or code-lm models; model 'minilm' is a sentence-encoder"),
-    (["model=tiny-vit", "task=imagenet", "method=gptq"], "image classifiers have no calibration batches yet"),
+    (["model=tiny-vit", "task=imagenet", "method=gptq"], "method step 'gptq' calibrates on token windows; an image classifier calibrates with mse or smoothquant"),
+    (["model=tiny-vit", "task=imagenet", "method=mse"], "an image classifier calibrates on images: set calib.dataset=task"),
     (["model=tiny-bert-qa", "model.family=code-lm"], "model.arch=bert has no code-lm"),
     (["model=tiny-vit", "task=imagenet"], "has no imagenet/val"),  # data checked before the model loads
 ])
@@ -242,3 +248,20 @@ def test_sst2_run_calibrated_on_the_task_records_its_calibration_data(tmp_path):
     assert r["data"]["calib"][0]["file"] == "glue/sst2/train.tsv" and r["data"]["eval"][0]["file"] == "glue/sst2/dev.tsv"
     assert r["config"]["calib"]["dataset"] == "task"
     assert r["methods"]["smoothquant"]["calib_windows"] == 4 and r["eval"]["correct"] == 13  # of 24
+
+
+# 13 linears and 2 attention sites x 4 operands; the amax median depends on the images drawn
+@pytest.mark.parametrize("method, facts", [("mse", {"calibrated": 21, "attention_calibrated": 8, "dynamic_fallback": []}),
+                                           ("smoothquant", {"folded_into_norm": 8})])  # q, k, v, intermediate x 2 layers
+def test_tiny_vit_calibrates_on_its_task_training_images(method, facts, tmp_path):
+    env = generated_imagenet(tmp_path / "data", splits=("train", "val"))
+    run = qsim_run(tmp_path / "run", "model=tiny-vit", "task=imagenet", "format=w4a8", f"method={method}",
+                   "calib.dataset=task", "calib.n_samples=4", env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    r = _result(tmp_path / "run")
+    assert r["data"]["calib"][0]["file"] == "imagenet/train" and r["data"]["eval"][0]["file"] == "imagenet/val"
+    stage = r["methods"][method]
+    assert stage["calib_images"] == 4 and stage["calib_image_size"] == [32, 32] and "calib_tokens" not in stage
+    assert {k: stage[k] for k in facts} == facts
+    if method == "mse":
+        assert stage["amax"]["median"] == pytest.approx(0.6321840882301331, rel=1e-6)

@@ -36,7 +36,7 @@ import torch
 
 from ..config import ConfigError
 from ..quantizer import QuantSpec, Quantizer, SameInputCache, fake_quantize
-from ..capture import float_passes
+from ..capture import calib_extent, float_passes
 from ..surgery import attention_quantizers, compact_names, quantized_layers, role_specs
 from . import Method, MethodError, register
 
@@ -308,8 +308,7 @@ def apply(ctx):
         "attention_calibrated": sum(1 for n in amaxes if n.rsplit(".", 1)[-1] in ("q", "k", "v", "p")),
         "dynamic_fallback": compact_names(unseen),  # never reached: dynamic per-tensor scaling
         "zero_inputs": compact_names(zeros),  # saw only zeros: amax 1
-        "calib_windows": len(calib),
-        "calib_tokens": int(calib.numel()),
+        **calib_extent(calib),
     }
     if values:
         facts["amax"] = {"min": values[0], "median": values[len(values) // 2], "max": values[-1]}

@@ -33,7 +33,7 @@ from torch import nn
 
 from ..config import ConfigError
 from ..surgery import compact_names, quantization_disabled, quantized_layers
-from ..capture import InputGroup, features_last, float_passes, model_device, smoothable, trace_ids, trace_input_groups
+from ..capture import InputGroup, calib_extent, features_last, float_passes, model_device, smoothable, trace_ids, trace_input_groups
 from . import Method, MethodError, register
 
 SCOPES = ("norm", "all")
@@ -244,7 +244,7 @@ def apply(ctx):
         "explicit_layers": compact_names(explicit),
         "not_smoothed": {reason: compact_names(names) for reason, names in not_smoothed.items()},
         "norms_folded": compact_names(sorted(norms_folded)),
-        "calib_windows": len(calib),
+        **calib_extent(calib),
     }
 
 

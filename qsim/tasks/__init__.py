@@ -19,10 +19,12 @@ TASK_CALIBRATION = "task"  # calib.dataset value: the task's own calibration tex
 
 @dataclass(frozen=True)
 class Calibration:
-    """A task's calibration text: (dataset, split) read by texts(dataset, split) -> strings."""
+    """A task's calibration data: text (dataset, split) read by texts(dataset, split) -> strings,
+    or, for image tasks, images(processor, dataset, split, n, seed) -> pixel_values [n, C, H, W]."""
     dataset: str
     split: str
-    texts: Callable
+    texts: Callable | None = None
+    images: Callable | None = None
 
 
 @dataclass(frozen=True)
@@ -55,13 +57,17 @@ def calibration_source(cfg) -> tuple[str, str]:
 
 def calibration_windows(tokenizer, cfg, n_samples: int | None = None, seq_len: int | None = None) -> torch.Tensor:
     """cfg.calib's windows (n_samples x seq_len, defaults from cfg.calib; GPTQ's seeded sampler)
-    from calibration_source(cfg): a text corpus, or the task's own texts joined."""
+    from calibration_source(cfg): a text corpus, or the task's own texts joined; for an image
+    task, n_samples seeded images through the processor (tokenizer) as pixel_values."""
     c = cfg.calib
     n_samples, seq_len = n_samples or c.n_samples, seq_len or c.seq_len
     dataset, split = calibration_source(cfg)
     if c.dataset != TASK_CALIBRATION:
         return data.calibration_windows(tokenizer, dataset, split, n_samples, seq_len, c.seed)
-    texts = TASKS[cfg.task.name].calibration.texts(dataset, split)
+    own = TASKS[cfg.task.name].calibration
+    if own.images is not None:
+        return own.images(tokenizer, dataset, split, n_samples, c.seed)
+    texts = own.texts(dataset, split)
     return data.sample_windows(data.tokenize(tokenizer, data.join_text(texts)), n_samples, seq_len, c.seed,
                                f"task {cfg.task.name}'s calibration text ({dataset} {split})")
 
