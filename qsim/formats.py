@@ -218,10 +218,9 @@ class IntFormat:
         """quantize(x / scale) * scale, bit for bit, in one pass over memory; scale > 0, broadcastable."""
         if self.rounding == "stochastic":
             return (self.quantize_reference(x.float() / scale) * scale).to(x.dtype)
-        if self.rounding == "nearest":
-            q = native.round_int(x.detach(), scale, self)
-            if q is not None:
-                return q
+        q = native.round_scaled(x.detach(), scale, self)  # None off the native path
+        if q is not None:
+            return q
         return _run_chunked(self._kernel, x, scale)
 
     def quantize_reference(self, x: torch.Tensor) -> torch.Tensor:
@@ -331,10 +330,9 @@ class FloatFormat:
         """quantize(x / scale) * scale, bit for bit, in one pass over memory; scale > 0, broadcastable."""
         if not self.has_fast_kernel:
             return (self.quantize_reference(x.float() / scale) * scale).to(x.dtype)
-        if self.rounding == "nearest" and self.saturate and self.subnormals:  # native.c's case
-            q = native.round_float(x.detach(), scale, self)
-            if q is not None:
-                return q
+        q = native.round_scaled(x.detach(), scale, self)  # None off the native path
+        if q is not None:
+            return q
         return _run_chunked(self._kernel, x, scale)
 
     @property

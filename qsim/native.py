@@ -110,7 +110,7 @@ def _row_scales(x: torch.Tensor, scale: torch.Tensor | None):
     of contiguous x (one scale, or one per index of x's leading dims); None otherwise."""
     numel = x.numel()
     if scale is None or scale.numel() == 1:
-        row_len = 1 << 14 if numel % (1 << 14) == 0 else (x.shape[-1] if x.dim() else 1)
+        row_len = max(math.gcd(numel, 1 << 14), x.shape[-1] if x.dim() else 1)  # divides numel
         s = None if scale is None else scale.detach().float().reshape(1).contiguous()
         return numel // row_len, row_len, s, 0
     if scale.dim() != x.dim() or scale.device != x.device:
@@ -128,34 +128,23 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
-def round_float(x: torch.Tensor, scale: torch.Tensor | None, fmt) -> torch.Tensor | None:
-    """FloatFormat.quantize_scaled (or quantize, scale None) for nearest, saturating formats with
-    subnormals; None where the native path does not apply."""
+def round_scaled(x: torch.Tensor, scale: torch.Tensor | None, fmt) -> torch.Tensor | None:
+    """fmt.quantize_scaled(x, scale) (fmt.quantize with scale None) for the element grids of
+    `element_supported`; None where the native path does not apply."""
     lib = library()
-    if lib is None or not _eligible(x):
+    if lib is None or not _eligible(x) or not element_supported(fmt):
         return None
     rows = _row_scales(x, scale)
     if rows is None:
         return None
     n_rows, row_len, s, stride = rows
     out = torch.empty_like(x)
-    lib.qsim_round_float(x.data_ptr(), out.data_ptr(), n_rows, row_len, None if s is None else s.data_ptr(), stride,
-                         fmt.emin, fmt.emax, fmt.man_bits, fmt.max, _threads())
-    return out
-
-
-def round_int(x: torch.Tensor, scale: torch.Tensor | None, fmt) -> torch.Tensor | None:
-    """IntFormat.quantize_scaled (or quantize) with nearest rounding; None where it does not apply."""
-    lib = library()
-    if lib is None or not _eligible(x):
-        return None
-    rows = _row_scales(x, scale)
-    if rows is None:
-        return None
-    n_rows, row_len, s, stride = rows
-    out = torch.empty_like(x)
-    lib.qsim_round_int(x.data_ptr(), out.data_ptr(), n_rows, row_len, None if s is None else s.data_ptr(), stride,
-                       fmt.max, _threads())
+    scale_ptr = None if s is None else s.data_ptr()
+    if fmt.kind == "int":
+        lib.qsim_round_int(x.data_ptr(), out.data_ptr(), n_rows, row_len, scale_ptr, stride, fmt.max, _threads())
+    else:
+        lib.qsim_round_float(x.data_ptr(), out.data_ptr(), n_rows, row_len, scale_ptr, stride, fmt.emin, fmt.emax,
+                             fmt.man_bits, fmt.max, _threads())
     return out
 
 

@@ -120,14 +120,15 @@ def test_abfp_blocks_match_torch(name, scale_dtype, granularity, block, kernels)
 def test_native_path_is_the_one_taken(monkeypatch):
     """The large inputs above really run native.c (a None here would compare torch with torch)."""
     x = hard_values(64, 1024)
-    assert native.round_float(x, None, get_format("e4m3")) is not None
-    assert native.round_int(x, torch.tensor(0.5), get_format("int4")) is not None
+    assert native.round_scaled(x, None, get_format("e4m3")) is not None
+    assert native.round_scaled(x, torch.tensor(0.5), get_format("int4")) is not None
+    assert native.round_scaled(x, None, get_format("e4m3", "away")) is None  # ties away: torch's kernel
     spec = QuantSpec(format="mxfp4")
     assert native.block_quantize(x.view(64, 32, 32), spec, spec.fmt) is not None
     assert native.row_amax(x) is not None
-    assert native.round_float(x[:1, :3].contiguous(), None, get_format("e4m3")) is not None  # tiny ones too
-    assert native.round_float(x[:, :3], None, get_format("e4m3")) is None  # not contiguous: torch's
-    assert native.round_float(x.double(), None, get_format("e4m3")) is None
+    assert native.round_scaled(x[:1, :3].contiguous(), None, get_format("e4m3")) is not None  # tiny ones too
+    assert native.round_scaled(x[:, :3], None, get_format("e4m3")) is None  # not contiguous: torch's
+    assert native.round_scaled(x.double(), None, get_format("e4m3")) is None
 
 
 def test_a_quantized_model_is_bit_identical_under_both_kernels(kernels):
