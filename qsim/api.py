@@ -22,7 +22,7 @@ from .methods import METHODS
 from .models import LoadedModel, family_of_model
 from .run import Bar, build_plan, calibrate, check_causal, check_positions
 from .surgery import SurgeryReport, model_leaks, plan_leaks, quantize_model
-from .tasks import TASKS
+from .tasks import TASKS, calibration_source
 
 
 def _config(settings: dict, overrides) -> object:

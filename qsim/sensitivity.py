@@ -207,6 +207,7 @@ def cmd_sensitivity(args: list[str]) -> None:
     from .results import versions, write_json_atomic
     from .run import Bar, progress_display, calibrate, preflight, run_identity
     from .surgery import SurgeryError, quantize_model
+    from .tasks import calibration_source, calibration_windows
 
     out_dir = None
     if "--out" in args:
