@@ -318,6 +318,8 @@ def render_blocks(manifest: dict[str, Entry] | None = None, bench: Path | None =
         "minilm-stsb": metric_table(manifest, ["minilm-stsb-fp32", "minilm-stsb-w4a8-abfp"],
                                     "all-MiniLM-L6-v2, GLUE STS-B dev"),
         "table10-offline": table10_block(manifest),
+        "task-calibration": metric_table(manifest, ["t10-smollm2-sst2-fp32", "sst2-w4a8-mse-ptb", "sst2-w4a8-mse-task"],
+                                         "SmolLM2-135M, SST-2 dev zero-shot"),
         "per-layer-formats": format_choice_block(manifest),
         "published-cost": published_cost(manifest),
         "bench": bench_block(newest_bench() if bench is None else bench),
