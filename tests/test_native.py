@@ -117,7 +117,7 @@ def test_abfp_blocks_match_torch(name, scale_dtype, granularity, block, kernels)
     assert_same_bits(fast, slow)
 
 
-def test_native_path_is_the_one_taken(monkeypatch):
+def test_native_path_is_the_one_taken():
     """The large inputs above really run native.c (a None here would compare torch with torch)."""
     x = hard_values(64, 1024)
     assert native.round_scaled(x, None, get_format("e4m3")) is not None
@@ -131,26 +131,25 @@ def test_native_path_is_the_one_taken(monkeypatch):
     assert native.round_scaled(x.double(), None, get_format("e4m3")) is None
 
 
-def test_a_quantized_model_is_bit_identical_under_both_kernels(kernels):
-    """A whole forward of a model with W4A8 ABFP linears and MXFP4/NVFP4 operands."""
-    torch.manual_seed(0)
-    layer = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 256))
-    x = torch.randn(4, 64, 256)
-    for act in ("mxfp4", "nvfp4", "e4m3"):
-        spec = QuantSpec(format=act, granularity="token")
-        wspec = QuantSpec(format="int4", granularity="block", block=64, scale_dtype="bf16")
+@pytest.mark.parametrize("overrides", [["format=w4a8", "method=abfp"],  # the default, attention operands on
+                                       ["format.weight=mxfp4", "format.act=nvfp4", "method=rtn"]])
+def test_smollm2_logits_are_bit_identical_under_both_kernels(overrides, wikitext_ids, monkeypatch):
+    """The real model through surgery: weights (quantized once per model, so one model per
+    kernel set), activations and attention operands, on one 128-token window."""
+    from qsim.config import compose_config
+    from qsim.models import load_smollm2
+    from qsim.run import build_plan
+    from qsim.surgery import quantize_model
 
-        def forward():
-            h = x
-            for module in layer:
-                if isinstance(module, torch.nn.Linear):
-                    h = torch.nn.functional.linear(fake_quantize(h, spec), fake_quantize(module.weight, wspec), module.bias)
-                else:
-                    h = module(h)
-            return h
+    logits = {}
+    for mode in ("native", "torch"):
+        monkeypatch.setenv("QSIM_KERNELS", mode)
+        lm = load_smollm2()
+        quantize_model(lm.model, build_plan(compose_config(overrides)))
         with torch.inference_mode():
-            fast, slow = kernels(forward)
-        assert_same_bits(fast, slow)
+            logits[mode] = lm.model(wikitext_ids[None, :128], use_cache=False).logits
+    assert_same_bits(logits["native"], logits["torch"])
+    assert logits["native"].isfinite().all()
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "fp16"])
