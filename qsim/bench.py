@@ -55,6 +55,21 @@ def _timeit(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _timeit_beside(fn, reference, repeats: int) -> tuple[float, float]:
+    """Median seconds of fn and of reference, timed alternately (reference, fn, reference, ...):
+    both see the same allocator and machine state, so their ratio is steady."""
+    fn(), reference()
+    ours, theirs = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        reference()
+        theirs.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        fn()
+        ours.append(time.perf_counter() - t0)
+    return statistics.median(ours), statistics.median(theirs)
+
+
 # ---------------------------------------------------------------- 1. model overhead
 
 def model_overhead(windows: int, repeats: int, seq_len: int = 512) -> dict:
@@ -171,7 +186,7 @@ def decode_throughput(new_tokens: int = 128, prompt_tokens: int = 64, repeats: i
 
 def format_kernels(numel: int = 1 << 22, repeats: int = 25) -> dict:
     """Each kernel on 4M fp32 elements, in x.clone() times: the compiled kernels (native.c, the
-    default) and the torch ones (QSIM_KERNELS=torch), each timed right after its own clone."""
+    default) and the torch ones (QSIM_KERNELS=torch), each timed alternately with x.clone()."""
     from . import native
     from .formats import get_format
     from .quantizer import QuantSpec, fake_quantize
@@ -195,8 +210,7 @@ def format_kernels(numel: int = 1 << 22, repeats: int = 25) -> dict:
             if mode == "auto":
                 out["clone"] = {"seconds": clone_s, "GB_per_s": nbytes / clone_s / 1e9}
             for name, fn in kernels.items():
-                clone_s = _timeit(lambda: x.clone(), repeats)  # right before: the machine drifts
-                s = _timeit(fn, repeats)
+                s, clone_s = _timeit_beside(fn, lambda: x.clone(), repeats)
                 if mode == "auto":
                     out[name] = {"seconds": s, "GB_per_s": nbytes / s / 1e9, "x_clone": s / clone_s}
                 else:
