@@ -110,7 +110,7 @@ def _row_scales(x: torch.Tensor, scale: torch.Tensor | None):
     of contiguous x (one scale, or one per index of x's leading dims); None otherwise."""
     numel = x.numel()
     if scale is None or scale.numel() == 1:
-        row_len = max(math.gcd(numel, 1 << 14), x.shape[-1] if x.dim() else 1)  # divides numel
+        row_len = math.gcd(numel, 1 << 14)  # rows only split the work among threads: any divisor
         s = None if scale is None else scale.detach().float().reshape(1).contiguous()
         return numel // row_len, row_len, s, 0
     if scale.dim() != x.dim() or scale.device != x.device:
