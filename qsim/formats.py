@@ -150,14 +150,9 @@ def _chunks(src: torch.Tensor, out: torch.Tensor, scale: torch.Tensor | None):
         flat_src, flat_out = src.view(-1), out.view(-1)
         one = None if scale is None else scale.float().reshape(())
         return ((flat_src[i:i + CHUNK], flat_out[i:i + CHUNK], one) for i in range(0, numel, CHUNK)), min(CHUNK, numel)
-    if scale.dim() != src.dim():
+    n_rows = native.scaled_rows(src, scale)
+    if n_rows is None:
         return None
-    lead = scale.dim()
-    while lead > 0 and scale.shape[lead - 1] == 1:
-        lead -= 1
-    if tuple(scale.shape[:lead]) != tuple(src.shape[:lead]):
-        return None
-    n_rows = math.prod(src.shape[:lead])
     row_len = numel // n_rows
     if row_len > CHUNK:  # rows too long to chunk: let the caller divide first and chunk flat
         return None

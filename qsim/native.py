@@ -105,6 +105,17 @@ def _eligible(x: torch.Tensor) -> bool:
             and x.numel() > 0)  # even tiny tensors: one ctypes call (~8 us) beats torch's dozen ops (~25 us)
 
 
+def scaled_rows(x: torch.Tensor, scale: torch.Tensor) -> int | None:
+    """How many rows of x's leading dims each take one scale (scale shaped like x's leading dims
+    followed by ones); None for any other scale shape. Shared with formats._chunks."""
+    if scale.dim() != x.dim() or scale.device != x.device:
+        return None
+    lead = scale.dim()
+    while lead > 0 and scale.shape[lead - 1] == 1:
+        lead -= 1
+    return scale.numel() if tuple(scale.shape[:lead]) == tuple(x.shape[:lead]) else None
+
+
 def _row_scales(x: torch.Tensor, scale: torch.Tensor | None):
     """(n_rows, row_len, scale tensor or None, scale stride) when each scale covers whole rows
     of contiguous x (one scale, or one per index of x's leading dims); None otherwise."""
@@ -113,14 +124,9 @@ def _row_scales(x: torch.Tensor, scale: torch.Tensor | None):
         row_len = math.gcd(numel, 1 << 14)  # rows only split the work among threads: any divisor
         s = None if scale is None else scale.detach().float().reshape(1).contiguous()
         return numel // row_len, row_len, s, 0
-    if scale.dim() != x.dim() or scale.device != x.device:
+    n_rows = scaled_rows(x, scale)
+    if n_rows is None:
         return None
-    lead = scale.dim()
-    while lead > 0 and scale.shape[lead - 1] == 1:
-        lead -= 1
-    if tuple(scale.shape[:lead]) != tuple(x.shape[:lead]):
-        return None
-    n_rows = scale.numel()
     return n_rows, numel // n_rows, scale.detach().float().reshape(n_rows).contiguous(), 1
 
 
