@@ -6,7 +6,12 @@ compiler (`python -m qsim.native`); a run whose library is missing or stale
 builds it on first use (about a second). Where no compiler works, the torch
 kernels run: the numbers are the same, only slower, and result.json records
 which ran (`kernels`). `QSIM_KERNELS=torch` forces the torch kernels,
-`QSIM_KERNELS=native` makes a missing library an error.
+`QSIM_KERNELS=native` makes a missing library an error (every call raises).
+
+The library is built with -march=native, so its file name is keyed by the source, the flags
+and what -march=native means on this CPU: a checkout shared by cluster nodes with different
+CPUs holds one library per CPU, and no node loads one built for another (illegal instruction).
+`QSIM_NATIVE_DIR` puts the libraries in another directory.
 
 Only contiguous fp32 CPU tensors take the native path; everything else
 (CUDA, other dtypes, away/stochastic rounding, non-saturating formats) stays in torch.
@@ -14,24 +19,83 @@ Only contiguous fp32 CPU tensors take the native path; everything else
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import math
 import os
+import platform
 import subprocess
 import sys
+import threading
 import warnings
 from pathlib import Path
 
 import torch
 
 SOURCE = Path(__file__).with_name("native.c")
+# -march=native, not a portable baseline. Measured on a 2-core AVX-512 Xeon (Cooper Lake, gcc 12,
+# 4M fp32 elements, median x.clone() multiples over two runs; -march= native / x86-64 / x86-64-v3
+# / the torch kernels): INT4 1.04 / 6.4 / 1.03 / 1.7, E2M1 1.05 / 2.5 / 1.3 / 6.4,
+# MXFP4 1.7-2.1 / 5.2-5.6 / 2.9-3.3 / 12, NVFP4 3.85 / 7.2-8.0 / 5.1-5.2 / 14.5. The portable
+# build (SSE2) is 2-6x slower, slower than torch's INT4 kernel; even x86-64-v3 (AVX2) costs
+# 1.25-1.9x on the minifloat and block kernels. So the library stays CPU-specific and its name
+# is keyed by what -march=native resolves to on this CPU (_cpu_fingerprint): a node with another
+# CPU builds its own instead of loading one that would die of an illegal instruction.
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
 MODES = ("auto", "native", "torch")
 
 
-def _library_path() -> Path:
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
-    name = f"qsim_native-{digest}.so"
+def _compiler() -> str:
+    return os.environ.get("CC", "cc")
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_fingerprint(compiler: str) -> str:
+    """What -march=native means on this machine, for the library's name: the ISA, tuning and
+    cache flags the compiler passes to its back end (gcc: cc1's -march=/-m.../--param; clang:
+    -target-cpu/-target-feature); if that query fails, the kernel's CPU flags. One compiler
+    run (~10 ms) per process and compiler."""
+    try:
+        res = subprocess.run([compiler, "-march=native", "-E", "-v", "-"], input="", capture_output=True,
+                             text=True, timeout=30)
+        for line in res.stderr.splitlines() if res.returncode == 0 else ():
+            tokens = line.split()
+            if not any(t in ("-E", "-cc1") for t in tokens[1:]) or not any(
+                    t.startswith("-march=") or t == "-target-cpu" for t in tokens):
+                continue
+            keep = []
+            for i, t in enumerate(tokens):
+                if (t.startswith("-m") and not t.startswith("-main-file")) or t.startswith("--param="):
+                    keep.append(t)
+                elif t in ("--param", "-target-cpu", "-target-feature", "-triple") and i + 1 < len(tokens):
+                    keep.append(f"{t} {tokens[i + 1]}")
+            if "-march=native" in keep or "-target-cpu native" in keep:
+                break  # not expanded (an older compiler): it says nothing about this CPU
+            return "cc: " + " ".join(keep)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "cpuinfo: " + platform.machine() + " " + _cpuinfo_flags()
+
+
+def _cpuinfo_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):  # x86, arm
+                    return " ".join(sorted(value.split()))
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _library_path(fingerprint: str | None = None) -> Path:
+    if fingerprint is None:
+        fingerprint = _cpu_fingerprint(_compiler())
+    key = SOURCE.read_bytes() + " ".join(FLAGS).encode() + b"\0" + fingerprint.encode()
+    name = f"qsim_native-{hashlib.sha256(key).hexdigest()[:16]}.so"
+    if os.environ.get("QSIM_NATIVE_DIR"):
+        return Path(os.environ["QSIM_NATIVE_DIR"]) / name
     local = Path(__file__).with_name("_native")
     if os.access(local.parent, os.W_OK) or (local / name).exists():
         return local / name
@@ -39,14 +103,14 @@ def _library_path() -> Path:
 
 
 def build() -> Path:
-    """Compile native.c (if this source and these flags have no library yet); returns its path."""
+    """Compile native.c (if this source, these flags and this CPU have no library yet); returns its path."""
     path = _library_path()
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    compiler = os.environ.get("CC", "cc")
-    subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(tmp), "-lm"], check=True, capture_output=True, text=True)
+    tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+    subprocess.run([_compiler(), *FLAGS, str(SOURCE), "-o", str(tmp), "-lm"], check=True, capture_output=True,
+                   text=True)
     os.replace(tmp, path)  # atomic: a concurrent run sees the whole library or none
     return path
 
@@ -58,27 +122,47 @@ def _mode() -> str:
     return mode
 
 
-_lib: ctypes.CDLL | None = None
-_tried = False
+# The first load, once per process: (library, None) or (None, the build/load error). One
+# reference, set under _lock only when complete, so a thread sees either nothing or the outcome.
+_state: tuple[ctypes.CDLL | None, BaseException | None] | None = None
+_lock = threading.Lock()
+_warned = False
+
+
+def _first_load() -> tuple[ctypes.CDLL | None, BaseException | None]:
+    global _state
+    with _lock:
+        if _state is None:
+            try:
+                _state = (_load(build()), None)
+            except (OSError, subprocess.CalledProcessError) as err:
+                _state = (None, err)
+        return _state
 
 
 def library() -> ctypes.CDLL | None:
-    """The loaded library, or None (QSIM_KERNELS=torch, or it could not be built)."""
-    global _lib, _tried
+    """The loaded library, or None (QSIM_KERNELS=torch, or, under auto, it could not be built:
+    warned once). Under QSIM_KERNELS=native a library that did not build raises, on every call."""
+    global _warned
     mode = _mode()
     if mode == "torch":
         return None
-    if not _tried:
-        _tried = True
-        try:
-            _lib = _load(build())
-        except (OSError, subprocess.CalledProcessError) as err:
-            detail = getattr(err, "stderr", "") or str(err)
-            if mode == "native":
-                raise RuntimeError(f"QSIM_KERNELS=native but qsim/native.c did not build: {detail.strip()}") from err
-            warnings.warn(f"qsim's compiled kernels are unavailable ({detail.strip()[:200]}); "
+    state = _state
+    if state is None:
+        state = _first_load()
+    lib, err = state
+    if err is None:
+        return lib
+    detail = (getattr(err, "stderr", "") or str(err)).strip()
+    if mode == "native":
+        raise RuntimeError(f"QSIM_KERNELS=native but qsim/native.c did not build: {detail}") from err
+    if not _warned:
+        with _lock:
+            first, _warned = not _warned, True
+        if first:
+            warnings.warn(f"qsim's compiled kernels are unavailable ({detail[:200]}); "
                           "the torch kernels run (same numbers, slower)", stacklevel=2)
-    return _lib
+    return None
 
 
 def _load(path: Path) -> ctypes.CDLL:

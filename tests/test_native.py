@@ -7,6 +7,11 @@ NaN, +-inf, +-0, fp32 subnormals, all-zero and all-subnormal blocks, block maxim
 a power of two, values far beyond the grid, and lengths that the block does not divide.
 """
 import math
+import platform
+import subprocess
+import sys
+import threading
+import warnings
 
 import pytest
 import torch
@@ -62,6 +67,83 @@ def test_qsim_kernels_torch_turns_it_off(monkeypatch):
     monkeypatch.setenv("QSIM_KERNELS", "fast")
     with pytest.raises(ValueError, match="QSIM_KERNELS"):
         native.library()
+
+
+@pytest.fixture
+def fresh_load(monkeypatch):
+    """The process before its first native.library() call (restored afterwards)."""
+    monkeypatch.setattr(native, "_state", None)
+    monkeypatch.setattr(native, "_warned", False)
+    native._cpu_fingerprint.cache_clear()  # the first call asks the compiler again: a wider window
+
+
+def test_concurrent_first_calls_all_get_the_library(fresh_load, monkeypatch):
+    monkeypatch.setenv("QSIM_KERNELS", "auto")
+    threads, calls = 8, 50
+    barrier = threading.Barrier(threads)
+    got = [[] for _ in range(threads)]
+
+    def worker(i):
+        barrier.wait()
+        for _ in range(calls):
+            got[i].append(native.library())
+
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        pool = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+    finally:
+        sys.setswitchinterval(before)
+    results = [lib for per_thread in got for lib in per_thread]
+    assert len(results) == threads * calls
+    assert sum(lib is None for lib in results) == 0
+    assert len({id(lib) for lib in results}) == 1  # loaded once, by one thread
+
+
+def test_a_failed_build_raises_every_time_under_native_and_warns_once_under_auto(fresh_load, monkeypatch,
+                                                                                  tmp_path):
+    monkeypatch.setenv("CC", "false")  # a compiler that always fails
+    monkeypatch.setenv("QSIM_NATIVE_DIR", str(tmp_path / "libs"))
+    assert not native._library_path().exists()
+    monkeypatch.setenv("QSIM_KERNELS", "native")
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="QSIM_KERNELS=native but qsim/native.c did not build") as err:
+            native.library()
+        assert isinstance(err.value.__cause__, subprocess.CalledProcessError)
+    monkeypatch.setenv("QSIM_KERNELS", "auto")
+    with pytest.warns(UserWarning, match="compiled kernels are unavailable"):
+        assert native.library() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        assert native.library() is None
+        assert native.kernels_in_use() == "torch"
+        x = hard_values(8, 64)
+        assert_same_bits(get_format("int4").quantize(x), get_format("int4").quantize_reference(x))
+    monkeypatch.setenv("QSIM_KERNELS", "native")
+    with pytest.raises(RuntimeError, match="did not build"):
+        native.kernels_in_use()
+    assert not any((tmp_path / "libs").glob("*.so"))
+
+
+def test_the_library_name_is_keyed_by_the_cpu(monkeypatch, tmp_path):
+    a, b = "cc: -march=skylake-avx512 -mavx512f", "cc: -march=haswell -mno-avx512f"
+    assert native._library_path(a) == native._library_path(a)
+    assert native._library_path(a) != native._library_path(b)
+    here = native._cpu_fingerprint(native._compiler())  # what -march=native resolves to here
+    assert here.startswith("cc: ") and ("-march=" in here or "-target-cpu" in here), here
+    assert native._library_path() == native._library_path(here) == native.build()
+    with monkeypatch.context() as m:
+        m.setattr(native, "_cpu_fingerprint", lambda compiler: b)  # another CPU on the same checkout
+        assert native._library_path() == native._library_path(b) != native._library_path(here)
+    fallback = native._cpu_fingerprint("false")  # no compiler to ask: the kernel's CPU flags
+    assert fallback.startswith(f"cpuinfo: {platform.machine()} ")
+    assert native._library_path(fallback) != native._library_path(here)
+    monkeypatch.setenv("QSIM_NATIVE_DIR", str(tmp_path))
+    assert native._library_path(a).parent == tmp_path
 
 
 ELEMENT_FORMATS = ["int2", "int3", "int4", "int8", "int16", "e1m2", "e2m1", "e2m3", "e3m2", "e4m3", "e5m2",
