@@ -1,11 +1,23 @@
 """qsim: a number-format simulator for transformers."""
+import os
+import sys
+
 __version__ = "0.1.0"
+
+# MKL's strict conditional numerical reproducibility: its GEMMs give the same bits for any
+# thread count (without it, a [128 x 1536] @ [1536 x 576] product splits its reduction across
+# threads and NVFP4 perplexity moved 33.30 -> 35.34 from 1 to 2 threads), and the same bits on its
+# AVX2 and AVX-512 code paths. MKL reads this once, at its first BLAS call: qsim sets it on import,
+# and records whether torch could already have made that call (see qsim.environment).
+BLAS_REPRODUCIBLE = "AUTO,STRICT"
+TORCH_IMPORTED_FIRST = "torch" in sys.modules
+os.environ.setdefault("MKL_CBWR", BLAS_REPRODUCIBLE)
 
 # The version of qsim's numbers. Every result records it, and a result made under
 # another version is stale (never reused by a sweep, never shown in a table).
 # Bump it in any commit that changes a number qsim computes: tests/test_numerics_pins.py
 # fails until it is bumped and the pins are rewritten (`python -m qsim.pins --update`).
-NUMERICS_VERSION = 2
+NUMERICS_VERSION = 3
 
 
 def __getattr__(name: str):

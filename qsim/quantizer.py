@@ -48,7 +48,7 @@ from functools import cached_property
 import torch
 from torch import nn
 
-from . import native
+from . import native, reductions
 from .formats import CastFormat, IntFormat, element_bits, get_format, round_integer
 
 GRANULARITIES = ("tensor", "channel", "token", "block")
@@ -533,5 +533,5 @@ def quantize_view(view, lo, hi, spec: QuantSpec, fmt, want_mask: bool, global_am
 def quant_error(x: torch.Tensor, spec: QuantSpec, amax: torch.Tensor | None = None) -> float:
     """Mean squared fake-quantization error (used by calibrators and tests)."""
     with torch.no_grad():
-        return float((fake_quantize(x, spec, amax) - x).float().pow(2).mean())
+        return float(reductions.mean((fake_quantize(x, spec, amax) - x).float().pow(2)))
 

@@ -759,3 +759,53 @@ class quantization_disabled:
     def __exit__(self, *exc):
         for q, e in zip(self.quantizers, self.saved):
             q.enabled = e
+
+
+class _LayerNormFixedOrder(torch.autograd.Function):
+    """F.layer_norm whose weight and bias gradients do not depend on the thread count.
+
+    torch's CPU LayerNorm backward sums the weight/bias gradients over rows in per-thread
+    buffers, so their last bits move with the thread count. Here the input gradient is torch's
+    own (computed row by row) and the weight/bias gradients are sums over rows taken along the
+    leading axis, which torch splits among threads by output column, not by row."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, shape, eps):
+        out, mean, rstd = torch.native_layer_norm(x, shape, weight, bias, eps)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.shape = shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.ops.aten.native_layer_norm_backward(grad, x, ctx.shape, mean, rstd, weight, bias,
+                                                           [True, False, False])[0]
+        rows = (-1, weight.numel()) if weight is not None else None
+        dw = (grad * ((x - mean) * rstd)).reshape(rows).sum(0).view_as(weight) if ctx.needs_input_grad[1] else None
+        db = grad.reshape(rows).sum(0).view_as(bias) if ctx.needs_input_grad[2] else None
+        return dx, dw, db, None, None
+
+
+def _layer_norm_fixed_order(self, x):
+    return _LayerNormFixedOrder.apply(x, self.weight, self.bias, tuple(self.normalized_shape), self.eps)
+
+
+class layer_norm_grads_in_fixed_order:
+    """Context manager for training (QAT): every affine nn.LayerNorm computes its weight and bias
+    gradients in an order that does not depend on the thread count; the forward is torch's own."""
+
+    def __init__(self, model: nn.Module):
+        self.norms = [m for m in model.modules()
+                      if isinstance(m, nn.LayerNorm) and m.weight is not None and "forward" not in vars(m)]
+
+    def __enter__(self):
+        for m in self.norms:
+            m.forward = _layer_norm_fixed_order.__get__(m)
+        return self
+
+    def __exit__(self, *exc):
+        for m in self.norms:
+            del m.forward

@@ -4,6 +4,8 @@ import os
 from pathlib import Path
 
 import pytest
+
+import qsim  # noqa: F401  (first: it sets MKL's reproducible mode before torch's first GEMM)
 import torch
 
 REPO = Path(__file__).resolve().parents[1]

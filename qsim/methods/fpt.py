@@ -34,6 +34,7 @@ from dataclasses import replace
 
 import torch
 
+from .. import reductions
 from ..config import ConfigError
 from ..formats import CastFormat, FloatFormat, get_format
 from ..quantizer import QuantSpec, fake_quantize
@@ -127,7 +128,7 @@ def collect(model, calib, bar, max_tokens: int, sites=()):
 def fisher_error(x, w, g2, xq, wq, out=None) -> float:
     """Eq. 15: mean over output elements of (dL/dO)^2 (O^ - O)^2 (`out` = X W^T if known)."""
     d = xq @ wq.transpose(-1, -2) - (x @ w.transpose(-1, -2) if out is None else out)
-    return float((g2 * d.pow(2)).mean(dtype=torch.float64))
+    return float(reductions.mean(g2 * d.pow(2)))
 
 
 def _quantize(t, spec, fmt, amax):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import reductions
 from ..config import ConfigError
 from ..formats import CastFormat, UnknownFormat, element_bits, get_format
 from ..quantizer import QuantSpec, fake_quantize
@@ -80,8 +81,9 @@ def apply(ctx):
         a, b = low_rank_factors(error, rank)
         a, b = store(a, fmt), store(b, fmt)
         corrected = wq + a @ b
-        err_before.append(float(error.norm() / w.norm().clamp_min(1e-30)))
-        err_after.append(float((w - corrected).norm() / w.norm().clamp_min(1e-30)))
+        w_norm = max(float(reductions.norm(w)), 1e-30)
+        err_before.append(float(reductions.norm(error)) / w_norm)
+        err_after.append(float(reductions.norm(w - corrected)) / w_norm)
         layer.weight.copy_(_as_matrix(layer, corrected).to(layer.weight.dtype))
         layer.weight_quantizer.enabled = False  # the weight holds W_q + A B now
         layer.drop_weight_cache()

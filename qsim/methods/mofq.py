@@ -21,6 +21,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
+from .. import reductions
 from ..config import ConfigError
 from ..formats import CastFormat, element_bits, get_format
 from ..quantizer import QuantSpec, fake_quantize
@@ -57,7 +58,7 @@ def _linear(layer, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def weight_errors(layer, spec: QuantSpec, candidates: list[str]) -> dict[str, float]:
     """Tensor MSE of the weight on each candidate's grid (same scaling)."""
     w = layer.weight.detach()
-    return {c: float((fake_quantize(w, replace(spec, format=c)) - w).float().pow(2).mean()) for c in candidates}
+    return {c: float(reductions.mean((fake_quantize(w, replace(spec, format=c)) - w).float().pow(2))) for c in candidates}
 
 
 class _Accumulator:
@@ -89,13 +90,13 @@ def _observer(layer, metric: str, act_acc: _Accumulator | None, weight_acc: _Acc
                 d = fake_quantize(x, replace(quantizer.spec, format=c)) - x
                 if metric == "output":
                     d = _linear(layer, d, w)
-                errs.append(d.float().pow(2).sum(dtype=torch.float64))
+                errs.append(reductions.total(d.float().pow(2)))
             act_acc.add(torch.stack(errs), d.numel())
         if weight_acc is not None:
             errs = []
             for wq in weight_q:
                 d = _linear(layer, x, wq - w)
-                errs.append(d.float().pow(2).sum(dtype=torch.float64))
+                errs.append(reductions.total(d.float().pow(2)))
             weight_acc.add(torch.stack(errs), d.numel())
 
     return observe

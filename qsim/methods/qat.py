@@ -29,7 +29,7 @@ from torch import nn
 
 from .. import data
 from ..config import ConfigError
-from ..surgery import quantized_layers
+from ..surgery import layer_norm_grads_in_fixed_order, quantized_layers
 from . import Method, MethodError, register
 
 
@@ -136,17 +136,18 @@ def finetune(model: nn.Module, windows: torch.Tensor, q, bar=None, seed: int = 0
     model.train()
     t0 = time.time()
     try:
-        for step in range(steps):
-            batch = windows[step * batch_size : (step + 1) * batch_size].to(device)
-            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"QAT loss is {float(loss)} at step {step}; lower qat.lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-            if bar is not None:
-                bar.advance(1, f"loss {losses[-1]:.3f}")
+        with layer_norm_grads_in_fixed_order(model):  # gradients with the same bits for any thread count
+            for step in range(steps):
+                batch = windows[step * batch_size : (step + 1) * batch_size].to(device)
+                loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"QAT loss is {float(loss)} at step {step}; lower qat.lr")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+                if bar is not None:
+                    bar.advance(1, f"loss {losses[-1]:.3f}")
     finally:
         seconds = time.time() - t0
         optimizer.zero_grad(set_to_none=True)
