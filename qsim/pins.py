@@ -58,15 +58,20 @@ class PinError(RuntimeError):
 
 
 @contextmanager
-def _one_thread():
+def threads(n: int):
+    """Run the block with n torch threads (pins are made with one; tests check others give the same bits)."""
     import torch
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(saved)
+
+
+def _one_thread():
+    return threads(1)
 
 
 def _digest(t) -> str:
