@@ -163,7 +163,7 @@ def test_gptq_end_to_end_run(tmp_path):
             "task.max_windows=2", "task.seq_len=256", "progress=false")
     result = run(c, tmp_path)
     facts = result["methods"]["gptq"]
-    assert pinned(result["value"], 60.10006563699965), result["value"]
+    assert pinned(result["value"], 63.63083579554561), result["value"]
     assert pinned(facts["error_ratio_mean"], 0.11153775589768854), facts["error_ratio_mean"]
     assert facts["layers"] == 210 and facts["seconds"] > 0
     assert (tmp_path / "result.json").exists()
@@ -249,7 +249,7 @@ def test_qat_on_smollm2_steps(smollm2):
     w0 = q_proj.weight.detach().clone()
     facts = apply(StageContext(smollm2.model, None, c, tokenizer=smollm2.tokenizer))
     assert facts["grad_checkpointing"]
-    assert (facts["loss_first"], facts["loss_last"]) == pytest.approx((6.017362594604492, 5.549120903015137), rel=PINNED_REL)
+    assert pinned(facts["loss_first"], 6.051762580871582) and pinned(facts["loss_last"], 5.568751811981201), facts
     assert torch.equal(smollm2.model.model.embed_tokens.weight, emb)
     assert not torch.equal(q_proj.weight, w0)
     assert facts["frozen_params"] == emb.numel()
