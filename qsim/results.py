@@ -1,10 +1,11 @@
 """Results are data: one atomically written result.json per run, keyed by its identity.
 
 A result's identity (`identity`) hashes everything that can change its number: the
-whole resolved config, the data it read and qsim's numerics version
-(qsim.NUMERICS_VERSION). A result is stale when the identity its config gets now
-differs from the stored one (`stale_reason`); sweeps never reuse a stale result and
-`qsim tables` never shows one.
+whole resolved config, the data it read, qsim's numerics version (qsim.NUMERICS_VERSION)
+and the environment's part that can move a number (qsim.environment: package versions,
+the weights' content identity, the BLAS mode). A result is stale when the identity its
+config gets now differs from the stored one (`stale_reason`); sweeps never reuse a stale
+result and `qsim tables` never shows one.
 """
 from __future__ import annotations
 
@@ -48,6 +49,8 @@ CONFIG_CHANGED = "defaults changed"
 CONFIG_INVALID = "config no longer valid"
 DATA_CHANGED = "data changed"
 RECIPE_CHANGED = "identity recipe changed"
+NO_ENVIRONMENT = "made before environment identities"
+OTHER_ENVIRONMENT = "other environment"
 
 
 @functools.lru_cache(maxsize=1)
@@ -114,17 +117,29 @@ def config_hash(resolved: dict) -> str:
     return _sha(config_changes(resolved))
 
 
-def identity(resolved: dict, data: dict, numerics_version: int = NUMERICS_VERSION) -> str:
+def identity(resolved: dict, data: dict, numerics_version: int = NUMERICS_VERSION, environment: dict | None = None) -> str:
     """sha256 of everything that can change a result's number: every resolved config value
     (defaults included, so a changed default changes it), the data the run reads (name,
-    split after fallback, the offline file's sha256 or the hub id) and qsim's numerics version."""
-    return _sha({"config": _semantic(resolved), "data": data, "numerics_version": numerics_version})
+    split after fallback, the offline file's sha256 or the hub id), qsim's numerics version and
+    the environment's identity part (environment.identity_now: package versions, the weights'
+    content identity, the BLAS mode). Without an environment, the digest of the rest (what
+    results had before environments, and what pins.py names a preset's config by)."""
+    payload = {"config": _semantic(resolved), "data": data, "numerics_version": numerics_version}
+    if environment is not None:
+        payload["environment"] = environment
+    return _sha(payload)
 
 
-def identity_fields(resolved: dict, data: dict) -> dict:
-    """What result.json records about its identity (IDENTITY_FIELDS)."""
-    return {"identity": identity(resolved, data), "config_hash": config_hash(resolved),
-            "config_changes": config_changes(resolved), "data": data, "numerics_version": NUMERICS_VERSION}
+def identity_fields(resolved: dict, data: dict, environment: dict | None = None) -> dict:
+    """What result.json records about its identity (IDENTITY_FIELDS and `environment`, what
+    environment.describe records; described here if not given)."""
+    if environment is None:
+        from .environment import describe
+
+        environment = describe(resolved)
+    return {"identity": identity(resolved, data, NUMERICS_VERSION, environment["identity"]),
+            "config_hash": config_hash(resolved), "config_changes": config_changes(resolved), "data": data,
+            "numerics_version": NUMERICS_VERSION, "environment": environment}
 
 
 def resolve_now(changes: dict) -> dict:
@@ -178,12 +193,18 @@ def _config_diff(old: dict, new: dict, limit: int = 3) -> str:
     return ", ".join(parts) + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+def _environment_identity(environment) -> dict | None:
+    return environment.get("identity") if isinstance(environment, dict) else None
+
+
 def why_different(result: dict, now: dict) -> tuple[str, str] | None:
     """(kind, detail) if `result`'s identity differs from the one `now` (config, data,
-    numerics_version) gives; None if they are the same."""
+    numerics_version, environment: what environment.describe records, or its identity part
+    under "identity") gives; None if they are the same."""
     if any(k not in result for k in IDENTITY_FIELDS) or "config" not in result:
         return NO_IDENTITY, "result.json has no identity fields"
-    if identity(now["config"], now["data"], now["numerics_version"]) == result["identity"]:
+    env_now = _environment_identity(now.get("environment"))
+    if identity(now["config"], now["data"], now["numerics_version"], env_now) == result["identity"]:
         return None
     version = result["numerics_version"]
     if version != now["numerics_version"]:
@@ -195,21 +216,33 @@ def why_different(result: dict, now: dict) -> tuple[str, str] | None:
         return DATA_CHANGED, "data differs: " + "; ".join(names)
     if _semantic(result["config"]) != _semantic(now["config"]):
         return CONFIG_CHANGED, _config_diff(result["config"], now["config"])
-    return RECIPE_CHANGED, "the stored identity is not the hash of its stored config, data and version"
+    env_then = _environment_identity(result.get("environment"))
+    if env_then is None:
+        return NO_ENVIRONMENT, ("result.json records no environment (package versions, weights, BLAS mode): "
+                                "made before they were part of a result's identity")
+    if env_then != env_now:
+        from .environment import differences
+
+        return OTHER_ENVIRONMENT, ", ".join(differences(env_then, env_now)) or "the environments differ"
+    return RECIPE_CHANGED, "the stored identity is not the hash of its stored config, data, version and environment"
 
 
 def stale_reason(result: dict) -> tuple[str, str] | None:
     """(kind, detail) when a result is stale: its stored identity no longer equals the identity
-    its config gets now (another numerics version, a changed default, changed data, or no
-    identity at all); None when it may be reused and shown."""
+    its config gets now (another numerics version, a changed default, changed data, another
+    environment, or no identity at all); None when it may be reused and shown."""
+    from .environment import identity_now
+
     if any(k not in result for k in IDENTITY_FIELDS) or "config" not in result:
         return NO_IDENTITY, "result.json has no identity fields"
     try:
         config = resolve_now(result["config_changes"])
     except KeyError as err:
         return CONFIG_INVALID, str(err.args[0])
+    stored = result.get("environment") if isinstance(result.get("environment"), dict) else None
     return why_different(result, {"config": config, "data": data_now(result["data"]),
-                                  "numerics_version": NUMERICS_VERSION})
+                                  "numerics_version": NUMERICS_VERSION,
+                                  "environment": {"identity": identity_now(config, stored)}})
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
@@ -292,9 +325,11 @@ def _read_results(paths) -> list[dict]:
 def load(root: Path | str = "results"):
     """Every result under `root` (result.json files, and results/published/<id>.json) as a pandas
     DataFrame, one row per run: task, metric, value, model, formats, method, windows, freshness
-    (`stale`: results.stale_reason's kind or None), the result's path, and every resolved config
-    value as a flat `config.<key>` column."""
+    (`stale`: results.stale_reason's kind or None), the CPU and thread count it ran with, the
+    result's path, and every resolved config value as a flat `config.<key>` column."""
     import pandas as pd
+
+    from .environment import cpu_label
 
     rows = []
     for r in load_all_results(root):
@@ -305,7 +340,8 @@ def load(root: Path | str = "results"):
                "model": r.get("model"), "weight": r.get("formats", {}).get("weight"), "act": r.get("formats", {}).get("act"),
                "method": r.get("method"), "windows": r.get("eval", {}).get("windows"), "causal": r.get("causal", True),
                "numerics_version": r.get("numerics_version"), "stale": reason[0] if reason else None,
-               "finished_at": r.get("finished_at")}
+               "cpu": cpu_label(r["environment"]) if r.get("environment") else None,
+               "threads": (r.get("environment") or {}).get("threads"), "finished_at": r.get("finished_at")}
         row.update({f"config.{k}": v for k, v in _leaves(r["config"])})
         rows.append(row)
     return pd.DataFrame(rows)

@@ -16,6 +16,7 @@ from . import data
 from . import native
 from .accum import Accumulator
 from .config import ConfigError, validate
+from .environment import cpu_label
 from .methods import METHODS, StageContext
 from .models import family_of, load_model, model_config, skeleton_layer_names
 from .quantizer import QuantSpec
@@ -151,8 +152,9 @@ def data_read(cfg) -> dict:
 
 
 def run_identity(cfg) -> dict:
-    """The identity fields result.json will carry (results.identity_fields), before any load:
-    what a sweep compares with finished results to skip a job."""
+    """The identity fields result.json will carry (results.identity_fields, with the
+    environment, environment.describe), before any load: what a sweep compares with finished
+    results to skip a job."""
     return identity_fields(OmegaConf.to_container(cfg, resolve=True), data_read(cfg))
 
 
@@ -283,6 +285,16 @@ def _spec_dict(spec: QuantSpec | None):
     return out
 
 
+def environment_line(env: dict) -> str:
+    """The environment in one line: what is in the identity, then threads and CPU (recorded)."""
+    ident = env["identity"]
+    packages = ", ".join(f"{k} {v}" for k, v in ident["packages"].items())
+    weights = ident["weights"]
+    what = (f"weights sha256 {weights['sha256'][:12]}" if "sha256" in weights
+            else f"weights {weights.get('id')}@{weights['revision']}" if "revision" in weights else "generated weights")
+    return f"{packages}, {what}, BLAS {ident['blas']}; {env['threads']} threads, {cpu_label(env)}"
+
+
 def print_summary(result: dict, out_dir: Path) -> None:
     table = Table(title=f"qsim result ({result['identity']})", show_header=False)
     f = result["formats"]
@@ -299,6 +311,7 @@ def print_summary(result: dict, out_dir: Path) -> None:
                  f"{result['task']} ({result['eval']['split']}, {result['eval']['samples']}/{result['eval']['samples_available']} "
                  f"samples, {result['tokens_evaluated']} tokens)"),
         (result["metric"], f"[bold]{result['value']:.4f}"),
+        ("environment", environment_line(result["environment"])),
         ("time", ", ".join(f"{k} {v:.1f}s" for k, v in result["timings"].items())),
         ("result", str(out_dir / RESULT_FILE)),
     ]

@@ -4,11 +4,12 @@ Hydra's multirun has none of these, so every multirun job goes through
 `run_sweep_job`:
 
 - **Resume**: a job whose identity (results.identity: the whole resolved
-  config, the data it reads, qsim's numerics version; computed before any
+  config, the data it reads, qsim's numerics version, the environment's
+  package versions, weights identity and BLAS mode; computed before any
   model loads) already has a complete, fresh result.json anywhere under the
   results root is skipped with one line. A stale result of the same config
-  (another numerics version, changed data or defaults) is never reused: the
-  job re-runs and says why in one line. Writes are atomic
+  (another numerics version, changed data or defaults, another environment)
+  is never reused: the job re-runs and says why in one line. Writes are atomic
   (results.write_json_atomic), so "exists" means "complete".
 - **No job runs twice at once**: the job holds an flock on
   `<root>/multirun/.locks/<identity>.lock` while it checks and runs; a duplicate

@@ -20,8 +20,10 @@ the experiment that made it:
   its own row, labelled with the differing values (`variant`).
 
 Only fresh results count: a stale one (results.stale_reason: another numerics
-version, changed data or defaults, no identity) never fills a cell, and
-`qsim tables` says how many it ignored and why.
+version, changed data or defaults, another environment, no identity) never fills
+a cell, and `qsim tables` says how many it ignored and why. The CPU is recorded,
+not part of the identity: a table whose results ran on more than one CPU says
+which in a footnote.
 
 A cell shows ours / paper (ours - paper). "missing" is a cell with no result
 yet; "-" is a cell the paper has no number for. When several results match a
@@ -42,6 +44,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from .environment import cpu_label
 from .results import ADDED_KEYS, NON_SEMANTIC, load_all_results, stale_reason
 
 # results/paper/ and conf/, beside the code (symlinks in a checkout, package data in a wheel)
@@ -510,6 +513,9 @@ def render_markdown(table: Table, results_root: Path) -> str:
                        f"others: {', '.join(_num(m['value'], cell.row.task) for m in cell.matches[1:])}.")
     if any(not row.causal and table.cells[(row, col)].ours is not None for row in table.rows for col in table.columns):
         out += ["", CAUSAL_NOTE]
+    cpus = cpu_note(table)
+    if cpus:
+        out += ["", cpus]
     if table.id in TABLE_NOTES:
         out += ["", TABLE_NOTES[table.id]]
     filled, total = table.paper_cells_filled()
@@ -518,9 +524,21 @@ def render_markdown(table: Table, results_root: Path) -> str:
     return "\n".join(out) + "\n"
 
 
+def cpu_note(table: Table) -> str | None:
+    """A footnote naming the CPUs when the results shown in the table ran on more than one
+    (the CPU is recorded in result.json, not part of the identity)."""
+    shown = Counter(cpu_label(c.matches[0].get("environment")) for c in table.cells.values() if c.matches)
+    if len(shown) < 2:
+        return None
+    names = "; ".join(f"{label}: {n} result{'s' * (n != 1)}" for label, n in sorted(shown.items()))
+    return (f"CPUs: the results in this table ran on {len(shown)} CPUs ({names}). The CPU is recorded, not part "
+            "of a result's identity: across CPUs numbers agree to a measured band, not to the bit (README: "
+            "Sweeps, resume and tables).")
+
+
 CSV_FIELDS = ["table", "row", "column", "model", "checkpoint", "task", "seq_len", "protocol", "split", "windows", "variant",
               "weights", "activations", "method", "n", "metric", "ours", "paper", "delta", "status",
-              "results_matched", "result", "finished_at"]
+              "results_matched", "result", "finished_at", "cpu"]
 
 
 def render_csv(table: Table, results_root: Path) -> str:
@@ -544,6 +562,7 @@ def render_csv(table: Table, results_root: Path) -> str:
                 "status": cell.status, "results_matched": len(cell.matches),
                 "result": display_path(newest["_path"], results_root) if newest else "",
                 "finished_at": newest.get("finished_at", ""),
+                "cpu": cpu_label(newest.get("environment")) if newest else "",
             })
     return buf.getvalue()
 

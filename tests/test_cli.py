@@ -91,6 +91,14 @@ def test_run_end_to_end_writes_result(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     [path] = list(results.rglob("result.json"))
     result = json.loads(path.read_text())
+    env = result["environment"]  # what can move the number, in the identity; threads and CPU recorded
+    from qsim.environment import file_sha256
+    from qsim.models import smollm2_gguf_path
+
+    assert env["identity"]["weights"] == {"sha256": file_sha256(smollm2_gguf_path())}
+    assert env["identity"]["blas"] == "AUTO,STRICT" and env["blas"]["torch_imported_first"] is False
+    assert set(env["identity"]["packages"]) == {"torch", "transformers", "tokenizers", "numpy"}
+    assert env["threads"] >= 1 and env["cpu"]["capability"] and env["cpu"]["machine"]
     assert result["metric"] == "ppl" and pinned(result["value"], 82.85089359314928), result["value"]
     assert result["formats"]["weight"] == "int4" and result["formats"]["act"] == "int8"
     assert result["tokens_evaluated"] == 256

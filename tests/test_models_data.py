@@ -1,4 +1,5 @@
 """Loading, data and the perplexity protocols, on the real offline model and data."""
+import json
 import math
 
 import pytest
@@ -16,6 +17,13 @@ def test_smollm2_cache_loads_the_same_weights():
     again = load_smollm2()
     assert again.from_cache
     assert smollm2_gguf_path().name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    # the cache is the GGUF's: its folder is named by the GGUF's sha256, which it records
+    from qsim.environment import file_sha256
+    from qsim.models import _smollm2_cache
+
+    digest = file_sha256(smollm2_gguf_path())
+    assert _smollm2_cache().name.endswith("-" + digest[:16])
+    assert json.loads((_smollm2_cache() / "qsim_source.json").read_text())["sha256"] == digest
     for (name, a), (_, b) in zip(first.model.state_dict().items(), again.model.state_dict().items()):
         assert torch.equal(a, b), name
     assert first.model.config.num_hidden_layers == 30 and first.model.dtype == torch.float32

@@ -85,4 +85,5 @@ def test_a_published_number_reproduces(tmp_path):
     published = load_published(entry)
     again = run(compose_config(list(entry.run) + ["progress=false"]), tmp_path)
     assert again["config_hash"] == published["config_hash"]
+    assert again["identity"] == published["identity"], "made in another environment: re-run `make published`"
     assert again["value"] == pytest.approx(published["value"], rel=1e-5)

@@ -2,10 +2,12 @@
 
 Resume after SIGKILL (submitit_local), fail-soft, a fresh process per job under
 joblib, one run per identity even when duplicates race, never a stale result
-reused (another numerics version, a changed default, changed data); and the
+reused (another numerics version, a changed default, changed data, another
+environment or none recorded); and the
 paper experiments: every job composes, and together they cover every paper cell.
 """
 import copy
+import importlib.metadata
 import json
 import os
 import shutil
@@ -181,7 +183,8 @@ def test_a_changed_default_changes_the_identity_and_the_old_result_is_not_reused
     old_config = copy.deepcopy(job["config"])
     old_config["mse"]["candidates"] = 50
     old = {"value": 123.0, "config": old_config, "config_changes": job["config_changes"], "config_hash": job["config_hash"],
-           "data": job["data"], "numerics_version": NUMERICS_VERSION, "identity": identity(old_config, job["data"]),
+           "data": job["data"], "numerics_version": NUMERICS_VERSION, "environment": job["environment"],
+           "identity": identity(old_config, job["data"], NUMERICS_VERSION, job["environment"]["identity"]),
            "finished_at": "2026-01-01T10:00:00+0000"}
     assert old["config_hash"] == job["config_hash"]  # the config as asked for is the same ...
     assert old["identity"] != job["identity"]  # ... what made the number is not
@@ -196,7 +199,7 @@ def test_a_published_entry_is_a_finished_result_of_its_job(tmp_path):
     """results/published/<id>.json is the whole result.json plus its commit: a sweep job with its
     identity is skipped (make table10-offline renders the published cells without re-running)."""
     job = job_identity(cfg("model=tiny-opt", "format=w4a4", "method=abfp"))
-    fields = {k: job[k] for k in ("config_hash", "data", "identity")}
+    fields = {k: job[k] for k in ("config_hash", "data", "identity", "environment")}
     published = tmp_path / "results" / "published" / "tiny-w4a4.json"
     write_json_atomic(published, {"value": 1.0, "config": job["config"], "config_changes": job["config_changes"],
                                   **fields, "numerics_version": NUMERICS_VERSION,
@@ -204,6 +207,58 @@ def test_a_published_entry_is_a_finished_result_of_its_job(tmp_path):
     write_json_atomic(tmp_path / "results" / "published" / "other.json",
                       {"value": 2.0, "identity": "0" * 16, "config_hash": "1" * 16, "numerics_version": NUMERICS_VERSION})
     assert find_result(tmp_path / "results", job) == (published, [])
+
+
+def made_elsewhere(path: Path, result: dict, **identity_changes) -> dict:
+    """Store `result` as the same run in another environment would have written it: its
+    environment's identity part changed, its identity recomputed from it (as run.py computes it)."""
+    result = copy.deepcopy(result)
+    env = result["environment"]["identity"]
+    for key, value in identity_changes.items():
+        env[key] = {**env[key], **value} if isinstance(value, dict) else value
+    result["identity"] = identity(result["config"], result["data"], result["numerics_version"], env)
+    write_json_atomic(path, result)
+    return result
+
+
+def test_a_result_from_another_environment_is_rerun_and_the_table_ignores_it(tmp_path):
+    results = tmp_path / "results"
+    env = {**os.environ, "QSIM_RESULTS_DIR": str(results)}
+    args = ["method=abfp", "task.max_windows=1", "task.seq_len=32"]
+    first = sweep(results, *args)
+    assert "1 jobs: 1 done, 0 skipped" in summary_line(first), first.stderr[-2000:]
+    [path] = list(results.rglob("result.json"))
+    result = json.loads(path.read_text())
+    recorded = result["environment"]
+    transformers = importlib.metadata.version("transformers")
+    assert recorded["identity"]["packages"]["transformers"] == transformers and recorded["packages"]["python"]
+    assert recorded["identity"]["weights"] == {"generated": "the config (architecture, size, model.seed)"}
+    assert recorded["threads"] >= 1 and recorded["cpu"]["capability"] and recorded["blas"]["mkl_cbwr"] == "AUTO,STRICT"
+    assert stale_reason(result) is None
+    # the same job, made with another transformers
+    made_elsewhere(path, result, packages={"transformers": "5.0.0-other"})
+    detail = f"transformers 5.0.0-other -> {transformers}"
+    assert stale_reason(json.loads(path.read_text())) == ("other environment", detail)
+    again = sweep(results, *args)
+    assert "1 jobs: 1 done, 0 skipped" in summary_line(again), again.stderr[-2000:]
+    [rerun] = [ln for ln in again.stdout.splitlines() + again.stderr.splitlines() if "re-run job #0" in ln]
+    assert f"is stale: other environment ({detail})" in rerun
+    tables = subprocess.run([*QSIM, "tables"], capture_output=True, text=True, env=env, timeout=120)
+    assert tables.returncode == 0, tables.stderr[-2000:]
+    assert tables.stdout.splitlines()[0] == "qsim tables: ignored 1 stale result (1 other environment)"
+
+
+def test_a_result_without_an_environment_is_stale_and_not_reused(tmp_path):
+    """Results written before the environment entered the identity are never reused."""
+    job = job_identity(cfg("model=tiny-opt", "format=w4a4", "method=abfp"))
+    old = {k: v for k, v in job.items() if k != "environment"}
+    old.update(value=1.0, identity=identity(job["config"], job["data"]), finished_at="2026-01-01T10:00:00+0000")
+    path = tmp_path / "results" / "runs" / "old" / "result.json"
+    write_json_atomic(path, old)
+    kind, detail = stale_reason(json.loads(path.read_text()))
+    assert kind == "made before environment identities" and "records no environment" in detail
+    done, stale = find_result(tmp_path / "results", job)
+    assert done is None and [(p, k) for p, (k, _) in stale] == [(path, kind)]
 
 
 def test_a_changed_data_file_changes_the_identity_of_the_runs_that_read_it(tmp_path, monkeypatch):

@@ -159,11 +159,13 @@ def test_a_partial_or_offline_evaluation_gets_its_own_row_never_the_papers(tmp_p
 
 def rewrite(path: Path, result: dict, **changes) -> None:
     """Store `result` as a run made under other circumstances would have (its identity recomputed
-    from its own config, data and numerics version, as run.py would have written it then)."""
+    from its own config, data, numerics version and environment, as run.py would have written it then)."""
     from qsim.results import identity
 
     result = {**result, **changes}
-    result["identity"] = identity(result["config"], result["data"], result["numerics_version"])
+    env = result.get("environment")
+    result["identity"] = identity(result["config"], result["data"], result["numerics_version"],
+                                  env["identity"] if env else None)
     write_json_atomic(path, result)
 
 
@@ -184,19 +186,30 @@ def test_stale_results_never_fill_a_cell_and_are_counted(tmp_path):
     before_identities = {k: v for k, v in put_result(root, "no-identity", value=96.0, finished_at=later).items()
                          if k not in ("identity", "config_changes", "data", "numerics_version")}
     write_json_atomic(runs / "no-identity" / "result.json", before_identities)
+    # made from another GGUF, and made before result.json recorded its environment
+    other_env = {**smol["environment"], "identity": {**smol["environment"]["identity"], "weights": {"sha256": "ab12" * 16}}}
+    rewrite(runs / "other-gguf" / "result.json", smol, environment=other_env, value=95.0, finished_at=later)
+    rewrite(runs / "no-environment" / "result.json", {k: v for k, v in smol.items() if k != "environment"},
+            value=94.0, finished_at=later)
 
     proc = qsim("tables", results=root)
     assert proc.returncode == 0, proc.stderr[-2000:]
     [line] = [ln for ln in proc.stdout.splitlines() if ln.startswith("qsim tables:")]
-    assert line.startswith("qsim tables: ignored 4 stale results (")
-    for part in ("1 older numerics version", "1 data changed", "1 defaults changed", "1 made before result identities"):
+    assert line.startswith("qsim tables: ignored 6 stale results (")
+    for part in ("1 older numerics version", "1 data changed", "1 defaults changed", "1 made before result identities",
+                 "1 other environment", "1 made before environment identities"):
         assert part in line, line
+    from qsim.results import stale_reason
+
+    kind, detail = stale_reason(json.loads((runs / "other-gguf" / "result.json").read_text()))
+    assert (kind, detail) == ("other environment", f"weights sha256 ab12ab12ab12... -> "
+                              f"{smol['environment']['identity']['weights']['sha256'][:12]}...")
     assert table_line((root / "tables" / "table1.md").read_text(), "OPT 125M (1024)") == [
         "26.00 / 25.94 (+0.06)", "missing / 1130", "missing / 33.14"]
     md = (root / "tables" / "table2.md").read_text()
     assert table_line(md, "OPT 125M (1024)")[0] == "26.00 / 25.94 (+0.06)"  # no footnote: one result counts
     assert table_line(md, "smollm2-135m (256) [test, 8 windows, paper protocol]")[3] == "21.00 / -"
-    assert "ignored 4 stale results" in (root / "tables" / "index.md").read_text()
+    assert "ignored 6 stale results" in (root / "tables" / "index.md").read_text()
 
 
 def test_a_result_unlike_its_cells_definition_gets_its_own_labelled_row(tmp_path):
@@ -248,6 +261,26 @@ def test_a_non_causal_result_gets_its_own_row_and_a_footnote(tmp_path):
     label = "opt-125m (1024) [validation, all windows, paper protocol, causal=false]"
     assert table_line(md, label)[1] == "32.00 \u2020 / -"
     assert "\u2020 non-causal (the result says `causal: false`)" in md
+
+
+def test_results_from_two_cpus_are_footnoted_with_both(tmp_path):
+    """The CPU is not in the identity: results from two CPUs both count, and the table names them."""
+    root = tmp_path / "results"
+    put_result(root, "fp32", value=26.0)
+    put_result(root, "abfp", value=33.0, col="w4a4-abfp")
+    build_all(root, root / "tables")
+    assert "CPUs:" not in (root / "tables" / "table2.md").read_text()  # one CPU: no footnote
+    result = put_result(root, "abfp", value=33.0, col="w4a4-abfp")
+    env = result["environment"]
+    moved = {**result, "environment": {**env, "cpu": {**env["cpu"], "model": "AMD EPYC 7B13", "capability": "AVX2"}}}
+    write_json_atomic(root / "runs" / "abfp" / "result.json", moved)
+    build_all(root, root / "tables")
+    md = (root / "tables" / "table2.md").read_text()
+    assert table_line(md, "OPT 125M (1024)")[:2] == ["26.00 / 25.94 (+0.06)", "33.00 / 33.14 (-0.14)"]  # both fresh
+    [note] = [ln for ln in md.splitlines() if ln.startswith("CPUs:")]
+    here = f"{env['cpu']['model']} ({env['cpu']['capability']})"
+    assert "ran on 2 CPUs" in note and "AMD EPYC 7B13 (AVX2): 1 result" in note and f"{here}: 1 result" in note
+    assert {r["cpu"] for r in read_csv(root / "tables" / "table2.csv") if r["ours"]} == {here, "AMD EPYC 7B13 (AVX2)"}
 
 
 def test_tables_never_load_torch(tmp_path):
