@@ -6,9 +6,10 @@ __version__ = "0.1.0"
 
 # MKL's strict conditional numerical reproducibility: its GEMMs give the same bits for any
 # thread count (without it, a [128 x 1536] @ [1536 x 576] product splits its reduction across
-# threads and NVFP4 perplexity moved 33.30 -> 35.34 from 1 to 2 threads), and the same bits on its
-# AVX2 and AVX-512 code paths. MKL reads this once, at its first BLAS call: qsim sets it on import,
-# and records whether torch could already have made that call (see qsim.environment).
+# threads and NVFP4 perplexity moved 33.30 -> 35.34 from 1 to 2 threads). The code path MKL picks
+# for the CPU (AVX2, AVX-512) still moves the last bits: what that does to a result is measured in
+# the README ("Same number on any machine"). MKL reads this once, at its first BLAS call: qsim sets
+# it on import, and records whether torch could already have made that call (qsim.environment).
 BLAS_REPRODUCIBLE = "AUTO,STRICT"
 TORCH_IMPORTED_FIRST = "torch" in sys.modules
 os.environ.setdefault("MKL_CBWR", BLAS_REPRODUCIBLE)

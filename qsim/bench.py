@@ -239,6 +239,53 @@ def _qtorch():
         return None
 
 
+# ---------------------------------------------------------------- 6. MKL's reproducible mode
+
+BLAS_IN_CHILD = """
+import json, statistics, time, torch
+from qsim.bench import _decode
+from qsim.config import compose_config
+from qsim.data import join_text, load_rows, tokenize
+from qsim.models import load_smollm2
+from qsim.run import build_plan
+from qsim.surgery import quantize_model
+base = load_smollm2()
+ids = tokenize(base.tokenizer, join_text(load_rows("wikitext2", "test")))
+window, prompt = ids[:512][None], ids[:64][None]
+quantized = load_smollm2()
+quantize_model(quantized.model, build_plan(compose_config(["format=w4a8", "method=abfp"])))
+def forward(model):
+    with torch.no_grad():
+        t0 = time.perf_counter(); model(window); return time.perf_counter() - t0
+out = {}
+for name, model in (("fp32", base.model), ("w4a8_abfp", quantized.model)):
+    forward(model)
+    out[name + "_window_s"] = statistics.median(forward(model) for _ in range(3))
+_decode(base.model, prompt, 4)
+out["fp32_decode_32_s"] = statistics.median(_decode(base.model, prompt, 32) for _ in range(3))
+print(json.dumps(out))
+"""
+
+BLAS_MODES = {"strict": "AUTO,STRICT", "off": "OFF"}  # qsim's default (qsim/__init__.py) and MKL's own
+
+
+def blas_mode_cost(rounds: int = 3) -> dict:
+    """What MKL's strict reproducible mode costs: one 512-token window (FP32 and the default W4A8
+    ABFP) and 32 FP32 decode steps, in fresh processes alternating strict, off, strict, off, ...
+    (MKL reads its mode once per process); each ratio is strict's median over off's."""
+    runs = {mode: [] for mode in BLAS_MODES}
+    for _ in range(rounds):
+        for mode, value in BLAS_MODES.items():
+            runs[mode].append(_child(BLAS_IN_CHILD, {"MKL_CBWR": value}))
+    errors = [r["error"] for rs in runs.values() for r in rs if "error" in r]
+    if errors:
+        return {"error": errors[0]}
+    keys = ("fp32_window_s", "w4a8_abfp_window_s", "fp32_decode_32_s")
+    medians = {mode: {k: statistics.median(r[k] for r in rs) for k in keys} for mode, rs in runs.items()}
+    return {"rounds": rounds, "modes": BLAS_MODES, "medians": medians,
+            "ratio": {k: medians["strict"][k] / medians["off"][k] for k in keys}}
+
+
 # ---------------------------------------------------------------- 3-5. separate processes
 
 def _child(code: str, env: dict | None = None) -> dict:
@@ -383,7 +430,7 @@ def print_report(report: dict) -> None:
         console.print(f"[bold]bench total[/bold]: {report['bench_seconds'] / 60:.1f} min")
 
 
-SECTIONS = ("kernels", "model", "decode", "load", "memory", "calibration")  # in the order they run
+SECTIONS = ("kernels", "model", "decode", "load", "memory", "calibration", "blas")  # in the order they run
 
 
 def main(argv=None) -> None:
@@ -404,6 +451,7 @@ def main(argv=None) -> None:
         "load": ("load", load_times),
         "memory": ("memory", lambda: memory(MEMORY_WINDOWS)),
         "calibration": ("calibration", lambda: calibration_costs(args.quick)),
+        "blas": ("blas_mode", blas_mode_cost),
     }
     report["section_seconds"] = {}
     for key, (field, measure) in sections.items():
