@@ -150,8 +150,28 @@ def cmd_run(ids: list[str]) -> None:
 
 # ---------------------------------------------------------------- render
 
+STALE_MARK = "†"
+_stale: dict[str, tuple[str, str]] = {}  # entry id -> (kind, detail), set by render_blocks
+
+
 def _link(entry: Entry, text: str) -> str:
-    return f"[{text}]({entry.path.relative_to(REPO_ROOT)})"
+    """The value linked to its file; marked when the file is stale here (see stale_block)."""
+    mark = STALE_MARK if entry.id in _stale else ""
+    return f"[{text}]({entry.path.relative_to(REPO_ROOT)}){mark}"
+
+
+def stale_block(manifest: dict[str, Entry]) -> str:
+    """What the mark means, and which entries carry it."""
+    if not _stale:
+        return f"All {len(manifest)} entries are fresh: made by this numerics version in this environment."
+    kinds: dict[str, list[str]] = {}
+    for id_, (kind, _) in _stale.items():
+        kinds.setdefault(kind, []).append(id_)
+    why = "; ".join(f"{len(ids)} {kind}" for kind, ids in sorted(kinds.items()))
+    return (f"{STALE_MARK} marks {len(_stale)} of {len(manifest)} entries whose file is stale here ({why}): the "
+            "number is what the code of its commit gave, in the environment its file records; it is not what "
+            "this code gives, and no sweep or table uses it. `make published ARGS='<ids>'` re-makes them; "
+            "`python -m qsim.published check` lists them with the reason.")
 
 
 def _commits(results: list[dict]) -> str:
@@ -190,7 +210,7 @@ def formats2026_block(manifest: dict[str, Entry]) -> str:
     for e in manifest.values():
         if e.path.exists():
             by_path[e.id] = load_published(e)
-    found = match(study_points("formats2026"), list(by_path.values()))
+    found = match(study_points("formats2026"), list(by_path.values()), fresh_only=False)
     entry_of = {id(r): manifest[i] for i, r in by_path.items()}
     table = markdown("formats2026", found, link=lambda p, r: _link(entry_of[id(r)], f"{r['value']:.2f}"))
     commits = _commits(list(found.values())) if found else "-"
@@ -334,7 +354,10 @@ def format_choice_block(manifest: dict[str, Entry]) -> str:
 def render_blocks(manifest: dict[str, Entry] | None = None, bench: Path | None = None) -> dict[str, str]:
     """Every block's text, from the files."""
     manifest = load_manifest() if manifest is None else manifest
+    _stale.clear()
+    _stale.update({e.id: reason for e, reason in stale_entries(manifest)})
     return {
+        "published-stale": stale_block(manifest),
         "smollm2": ppl_table(manifest, ["smollm2-fp32", "smollm2-fp32-8w", "smollm2-w4a16-abfp64-8w",
                                         "smollm2-w4a16-asym-block32-8w"],
                              "SmolLM2-135M, WikiText-2 test, seq_len 512"),

@@ -92,13 +92,14 @@ def point_bits(study: str) -> dict[str, tuple[float, float]]:
     return out
 
 
-def match(points: tuple[Point, ...], results: list[dict]) -> dict[str, dict]:
-    """point name -> its newest fresh result with the point's config."""
+def match(points: tuple[Point, ...], results: list[dict], fresh_only: bool = True) -> dict[str, dict]:
+    """point name -> its newest fresh result with the point's config (fresh_only=False: the README's
+    published files, where a stale one is shown marked as such)."""
     from .results import stale_reason
 
     by_hash: dict[str, dict] = {}
     for r in sorted(results, key=lambda r: r.get("finished_at", "")):
-        if r.get("config_hash") and stale_reason(r) is None:
+        if r.get("config_hash") and (not fresh_only or stale_reason(r) is None):
             by_hash[r["config_hash"]] = r
     return {p.name: by_hash[p.config_hash] for p in points if p.config_hash in by_hash}
 
