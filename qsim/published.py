@@ -316,6 +316,11 @@ def bench_block(path: Path) -> str:
         d = b["decode"]
         lines.append(f"| decode {d['new_tokens']} tokens (KV cache): FP32 / {d['config']} tokens/s, time ratio (target "
                      f"<= {d['target']}) | {d['fp32_tokens_per_s']:.1f} / {d['tokens_per_s']:.1f}, {d['ratio']:.2f}x |")
+    if "blas_mode" in b and "ratio" in b["blas_mode"]:
+        r = b["blas_mode"]["ratio"]
+        lines.append(f"| MKL's strict mode (qsim's default) over MKL's own, fresh processes alternating: one 512-token "
+                     f"window FP32 / W4A8 ABFP, 32 FP32 decode steps | {r['fp32_window_s']:.2f}x / "
+                     f"{r['w4a8_abfp_window_s']:.2f}x / {r['fp32_decode_32_s']:.2f}x |")
     for name, label in (("gptq", "GPTQ"), ("smoothquant", "SmoothQuant"), ("mse", "MSE")):
         c = cal[name]
         lines.append(f"| {label} calibration on {c['calib_samples']} x 512 tokens (own process): time / peak RSS "

@@ -21,10 +21,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # extensions), for any thread count: qsim makes every number thread-invariant and CI runs on that
 # class. On another CPU class the last bits of torch's float kernels differ, and a 4-bit model
 # amplifies them (a flipped rounding moves the next layer's inputs by a whole grid step): there a
-# pin holds within CROSS_CPU_REL, measured by emulating an AVX2-only CPU on the AVX-512 one
-# (ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2,STRICT; README "Same number on any machine").
+# pin holds within CROSS_CPU_REL: twice the largest move measured by emulating an AVX2-only CPU
+# on the AVX-512 one (ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2,STRICT; README "Same number on any
+# machine"): NVFP4 on one 128-token window, 33.30 -> 34.29 (2.9 %). Counts on a few samples (SST-2
+# correct answers, SQuAD F1 of 4 questions) are compared exactly and hold on this CPU class only.
 PINNED_REL = 1e-4
-CROSS_CPU_REL = 1e-4
+CROSS_CPU_REL = 6e-2
 PIN_CPU_CLASS = json.loads((REPO / "tests" / "numerics_pins.json").read_text())["cpu_class"]
 
 
