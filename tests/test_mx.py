@@ -350,7 +350,7 @@ def test_scaled_operands_are_causal_and_blocked_along_the_reduction_axis(preset,
 
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides,ppl", [
-    (["format=mxfp4"], 98.254),  # FP32: 26.73 on this window
+    (["format=mxfp4"], 98.25368623507443),  # FP32: 26.73 on this window
     (["format=nvfp4"], 33.30407073047907),
     (["format.weight=mxfp4", "format.act=mxfp8_e4m3"], 45.261802959827726),
 ], ids=["mxfp4", "nvfp4", "w-mxfp4-a-mxfp8"])

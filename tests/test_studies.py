@@ -1,10 +1,11 @@
 """Studies (qsim/studies.py): formats2026's points, their bits, and its rendering from real results."""
 import csv
 
+import pandas as pd
 import pytest
 
 from qsim.config import compose_config
-from qsim.published import load_manifest, load_published
+from qsim.published import load_manifest, load_published, stale_entries
 from omegaconf import OmegaConf
 
 from qsim.results import config_hash
@@ -30,7 +31,20 @@ def test_formats2026_points_are_its_sweep_with_bits_per_element():
 
 @pytest.fixture(scope="module")
 def published_points():
-    results = [load_published(e) for e in load_manifest().values() if e.id.startswith("f2026-")]
+    """The published formats2026 results, each as if made here and now: these tests check matching
+    and rendering, and until `make published` re-makes every entry some files are stale (their own
+    freshness is test_published's business; the README marks them)."""
+    from qsim import NUMERICS_VERSION
+    from qsim.environment import identity_now
+    from qsim.results import identity
+
+    results = []
+    for e in load_manifest().values():
+        if e.id.startswith("f2026-"):
+            r = load_published(e)
+            env = {**r.get("environment", {}), "identity": identity_now(r["config"])}
+            results.append({**r, "numerics_version": NUMERICS_VERSION, "environment": env,
+                            "identity": identity(r["config"], r["data"], NUMERICS_VERSION, env["identity"])})
     return results
 
 
@@ -49,7 +63,8 @@ def test_tables_render_the_study_as_markdown_csv_and_figure(published_points, tm
     rows = list(csv.DictReader(open(tmp_path / "formats2026.csv")))
     assert [r["point"] for r in rows] == [p.name for p in study_points("formats2026")]
     fp32 = next(r for r in rows if r["point"] == "fp32")
-    assert float(fp32["ppl"]) == pytest.approx(29.187861418003664, rel=1e-4)
+    assert float(fp32["ppl"]) == pytest.approx(next(r["value"] for r in published_points
+                                                    if r["published"]["id"] == "f2026-fp32"), rel=1e-4)
     assert (tmp_path / "formats2026.png").stat().st_size > 20_000
     assert "| `mxfp4` | mxfp4 | mxfp4 | none | fp32 | 4.25 / 4.25 | 40 |" in (tmp_path / "formats2026.md").read_text()
 
@@ -62,7 +77,8 @@ def test_results_load_gives_one_row_per_published_run_with_flat_knobs():
     done = [e for e in manifest.values() if e.path.exists()]
     assert len(frame) == len(done)
     fp32 = frame[frame["path"].str.endswith("/smollm2-fp32.json")].iloc[0]
-    assert fp32["value"] == load_published(manifest["smollm2-fp32"])["value"] and fp32["stale"] is None
+    assert fp32["value"] == load_published(manifest["smollm2-fp32"])["value"] and pd.isna(fp32["stale"])
+    assert frame["stale"].notna().sum() == len(stale_entries(manifest))  # the column says which are stale
     assert fp32["config.task.seq_len"] == 512 and fp32["config.format.weight"] == "fp32"
     mx = frame[frame["config.format.weight"] == "mxfp4"]
     assert list(mx["weight"]) == ["mxfp4"] and list(mx["windows"]) == [40]
