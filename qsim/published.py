@@ -160,6 +160,13 @@ def _link(entry: Entry, text: str) -> str:
     return f"[{text}]({entry.path.relative_to(REPO_ROOT)}){mark}"
 
 
+def _stale_note(entries) -> str:
+    """A table's footnote when some of its values are stale."""
+    n = sum(e.id in _stale for e in entries)
+    return (f" {STALE_MARK} {n} of these {len(entries)} values are stale (made by an older numerics version or in "
+            "another environment; see Published numbers)." if n else "")
+
+
 def stale_block(manifest: dict[str, Entry]) -> str:
     """What the mark means, and which entries carry it."""
     if not _stale:
@@ -186,7 +193,8 @@ def ppl_table(manifest: dict[str, Entry], ids: list[str], title: str) -> str:
     for e, r in zip(entries, results):
         value = _link(e, f"{r['value']:.2f}")
         lines.append(f"| {e.label} | {r['eval']['windows']} | {value} | `{e.command}` |")
-    lines += ["", f"Measured at commit {_commits(results)} (numerics version {', '.join(sorted({str(numerics_version(r)) for r in results}))})."]
+    lines += ["", f"Measured at commit {_commits(results)} (numerics version {', '.join(sorted({str(numerics_version(r)) for r in results}))})."
+              + _stale_note(entries)]
     return "\n" + "\n".join(lines) + "\n"
 
 
@@ -198,7 +206,8 @@ def metric_table(manifest: dict[str, Entry], ids: list[str], title: str) -> str:
     lines = [f"| {title} | samples | {metric} | command |", "|---|---:|---:|---|"]
     for e, r in zip(entries, results):
         lines.append(f"| {e.label} | {r['eval']['samples']} | {_link(e, format(r['value'], '.4f'))} | `{e.command}` |")
-    lines += ["", f"Measured at commit {_commits(results)} (numerics version {', '.join(sorted({str(numerics_version(r)) for r in results}))})."]
+    lines += ["", f"Measured at commit {_commits(results)} (numerics version {', '.join(sorted({str(numerics_version(r)) for r in results}))})."
+              + _stale_note(entries)]
     return "\n" + "\n".join(lines) + "\n"
 
 
