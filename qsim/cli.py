@@ -173,7 +173,25 @@ def explain_compose_error(err: Exception, overrides: list[str]) -> str:
     return f"{full_key}: {first}" if full_key else first
 
 
-def preflight_overrides(overrides: list[str]) -> int:
+def check_output_dir(key: str, value: str) -> None:
+    """Hydra makes the run's folder only after preflight (an OSError traceback there): probe now
+    by making and removing a folder where it would go, in its nearest existing ancestor."""
+    import shutil
+    import tempfile
+
+    target = Path(value).expanduser().absolute()
+    existing = target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        fail(f"{key}={value}: {existing} is not a folder")
+    try:
+        shutil.rmtree(tempfile.mkdtemp(dir=existing, prefix=".qsim-probe-"))
+    except OSError as err:
+        fail(f"{key}={value}: cannot create a folder in {existing} ({err.strerror or err})")
+
+
+def preflight_overrides(overrides: list[str], multirun: bool = False) -> int:
     """Compose and check every job's config before Hydra starts; returns the job count checked."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -198,6 +216,15 @@ def preflight_overrides(overrides: list[str]) -> int:
                 preflight(cfg)
             except (ConfigError, data.DataError) as err:
                 fail(str(err))
+        # the output folder: the variants drop hydra.* overrides, so compose them with the first
+        hydra_keys = [o for o in overrides if o.lstrip("+~").startswith("hydra")]
+        try:
+            hydra_cfg = compose(config_name="config", overrides=hydra_keys + variants[0], return_hydra_config=True).hydra
+            out = hydra_cfg.sweep.dir if multirun else hydra_cfg.run.dir
+        except Exception:  # e.g. a sweep over a hydra.* key: Hydra reports its own overrides
+            out = None
+        if out is not None:
+            check_output_dir("hydra.sweep.dir" if multirun else "hydra.run.dir", str(out))
     GlobalHydra.instance().clear()
     return len(variants)
 
@@ -214,7 +241,7 @@ def cmd_run(args: list[str]) -> None:
                 to_check = merged_overrides(overrides)
             except Exception:  # a bad name: the per-job check below says which, on one line
                 pass
-        preflight_overrides(to_check)
+        preflight_overrides(to_check, multirun)
     sys.argv = ["qsim"] + args
     hydra_app()
 

@@ -2,6 +2,7 @@
 dataclasses; `validate` checks names and ranges. Both run before any model loads."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
@@ -192,8 +193,13 @@ class TaskConfig:
     stride: int = 128  # extractive squad: overlap of the context windows of seq_len tokens
     max_answer_tokens: int = 30  # extractive squad: longest answer span
     timeout: float = 10.0  # humaneval: seconds each generated program may run
-    tasks: List[str] = field(default_factory=list)  # lm_eval: lm-evaluation-harness task names
-    include_path: Optional[str] = None  # lm_eval: a folder of extra lm-eval task YAMLs
+    # lm_eval: lm-evaluation-harness task names (a YAML path only inside task.include_path)
+    tasks: List[str] = field(default_factory=list)
+    # lm_eval: a folder of extra lm-eval task YAMLs. They are code: `!function` imports Python and
+    # prompt templates render unsandboxed, with your rights; name only a folder you trust.
+    include_path: Optional[str] = None
+    # lm_eval: lm-eval's confirm_run_unsafe_code (tasks that execute model output); off unless set here
+    confirm_run_unsafe_code: bool = False
 
 
 @dataclass
@@ -343,10 +349,28 @@ def validate(cfg) -> None:
         raise ConfigError(f"task.max_windows must be >= 1 or null (all), got {cfg.task.max_windows}")
     if cfg.task.batch_size < 1:
         raise ConfigError(f"task.batch_size must be >= 1, got {cfg.task.batch_size}")
+    if cfg.task.max_samples is not None and cfg.task.max_samples < 1:
+        raise ConfigError(f"task.max_samples must be >= 1 or null (all), got {cfg.task.max_samples}")
+    if cfg.task.max_new_tokens < 1:
+        raise ConfigError(f"task.max_new_tokens must be >= 1, got {cfg.task.max_new_tokens}")
+    if not (math.isfinite(cfg.task.timeout) and cfg.task.timeout > 0):
+        raise ConfigError(f"task.timeout must be a positive number of seconds, got {cfg.task.timeout}")
+    _check_lm_eval_keys(cfg.task)
     if cfg.calib.n_samples < 1 or cfg.calib.seq_len < 2:
         raise ConfigError("calib.n_samples must be >= 1 and calib.seq_len >= 2")
     for step in cfg.method.steps:
         METHODS[step].validate(cfg)
+
+
+def _check_lm_eval_keys(task) -> None:
+    """The lm_eval-only keys: refused where they would be ignored; include_path must exist."""
+    if task.name != "lm_eval":
+        for key, default in (("include_path", None), ("confirm_run_unsafe_code", False)):
+            if task[key] != default:
+                raise ConfigError(f"task.{key} is read by task=lm_eval only; task={task.name} would ignore it")
+        return
+    if task.include_path is not None and not Path(task.include_path).expanduser().is_dir():
+        raise ConfigError(f"task.include_path={task.include_path} is not a folder (lm-eval task YAMLs)")
 
 
 def compose_config(overrides=()):

@@ -7,12 +7,14 @@ PTB test, which is never evaluation text here.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import gzip
 import hashlib
 import json
 import os
+import zlib
 from pathlib import Path
 
 DATA_ENV = "QSIM_DATA_DIR"
@@ -130,19 +132,47 @@ def _offline_records(path: Path) -> list[dict]:
         classes = sorted(p for p in path.iterdir() if p.is_dir())
         return [{"image": str(f), "label": label} for label, folder in enumerate(classes)
                 for f in sorted(folder.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
-    if path.suffix == ".tsv":
-        with path.open(encoding="utf-8", newline="") as f:
-            return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    if path.name.endswith((".jsonl", ".jsonl.gz")):
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt", encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
-    if path.suffix == ".json":
-        articles = json.loads(path.read_text(encoding="utf-8"))["data"]
-        return [{"id": qa["id"], "title": article["title"], "context": paragraph["context"],
-                 "question": qa["question"], "answers": [a["text"] for a in qa["answers"]]}
-                for article in articles for paragraph in article["paragraphs"] for qa in paragraph["qas"]]
+    with _readable(path):
+        if path.suffix == ".tsv":
+            with path.open(encoding="utf-8", newline="") as f:
+                return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+        if path.name.endswith((".jsonl", ".jsonl.gz")):
+            opener = gzip.open if path.suffix == ".gz" else open
+            with opener(path, "rt", encoding="utf-8") as f:
+                return [_json_line(path, n, line) for n, line in enumerate(f, 1) if line.strip()]
+        if path.suffix == ".json":
+            articles = json.loads(path.read_text(encoding="utf-8"))["data"]
+            return [{"id": qa["id"], "title": article["title"], "context": paragraph["context"],
+                     "question": qa["question"], "answers": [a["text"] for a in qa["answers"]]}
+                    for article in articles for paragraph in article["paragraphs"] for qa in paragraph["qas"]]
     raise DataError(f"{path}: no reader for this file type")
+
+
+def _json_line(path: Path, n: int, line: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: line {n} is not valid JSON ({err.msg}, column {err.colno}); "
+                        "the file is corrupt or truncated") from None
+
+
+@contextlib.contextmanager
+def _readable(path: Path):
+    """A corrupt, truncated or misshapen offline file as one DataError naming it (not a traceback)."""
+    try:
+        yield
+    except DataError:
+        raise
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON ({err.msg}, line {err.lineno} column {err.colno}); "
+                        "the file is corrupt or truncated") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start}); the file is corrupt") from None
+    except (EOFError, zlib.error, gzip.BadGzipFile) as err:
+        raise DataError(f"{path}: not a whole gzip file ({err}); the file is corrupt or truncated") from None
+    except (KeyError, TypeError, IndexError, AttributeError) as err:
+        raise DataError(f"{path}: records lack the expected fields ({type(err).__name__}: {err}); "
+                        "not the file qsim expects here") from None
 
 
 
@@ -152,9 +182,9 @@ def _read_offline(path: Path) -> list[str]:
 
 def _offline_rows(path: Path):
     """The rows of an offline file, one at a time (a check for text stops at the first)."""
-    with path.open(encoding="utf-8", newline="" if path.suffix == ".tsv" else None) as f:
+    with _readable(path), path.open(encoding="utf-8", newline="" if path.suffix == ".tsv" else None) as f:
         if path.suffix == ".jsonl":
-            yield from (json.loads(line)["text"] for line in f)
+            yield from (_json_line(path, n, line)["text"] for n, line in enumerate(f, 1))
         elif path.suffix == ".tsv":
             reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
             next(reader, None)  # header
@@ -172,11 +202,27 @@ def check_available(dataset: str, split: str) -> None:
                             + ", ".join(f"{d} {s}" for (d, s) in OFFLINE_FILES if has_offline(d, s)))
         raise DataError(f"{DATA_ENV}={data_dir()} has no {expected}")
     path = offline_path(dataset, split)
-    if data_dir() is not None and (path.is_dir() or path.name.endswith((".json", ".gz"))):
+    if data_dir() is None:
+        return
+    if path.is_dir():
         if not _offline_records(path):
             raise DataError(f"{path} holds no records: {dataset} {split} would give no samples")
-    elif data_dir() is not None and not any(row.strip() for row in _offline_rows(path)):
-        raise DataError(f"{offline_path(dataset, split)} holds no text: {dataset} {split} would give no tokens")
+        return
+    # the whole file is parsed here (a truncated last line fails now, not after the model loaded)
+    st = path.stat()
+    records = path.name.endswith((".json", ".gz"))
+    if not _parses_whole(str(path.resolve()), st.st_size, st.st_mtime_ns, records):
+        raise DataError(f"{path} holds no {'records' if records else 'text'}: {dataset} {split} would give "
+                        f"no {'samples' if records else 'tokens'}")
+
+
+@functools.lru_cache(maxsize=32)
+def _parses_whole(path: str, _size: int, _mtime_ns: int, records: bool) -> bool:
+    """Whether the whole file parses and holds something; once per process per file version
+    (stat in the key): a sweep checks every job's data without re-reading it."""
+    if records:
+        return bool(_offline_records(Path(path)))
+    return any([row.strip() for row in _offline_rows(Path(path))])  # a list: every row is read
 
 
 def data_identity(dataset: str, split: str) -> dict:

@@ -151,6 +151,38 @@ def load_tiny_opt(post_ln: bool, dtype: torch.dtype, seed: int = 0) -> LoadedMod
     return LoadedModel(model, ByteTokenizer(), f"tiny-opt{'-postln' if post_ln else ''}:seed{seed}")
 
 
+def check_tokenizer(tokenizer, where: str):
+    """A folder without tokenizer files loads as a 1-token tokenizer (every text: 0 tokens, a
+    meaningless score): refuse it before the weights load."""
+    try:
+        size = len(tokenizer)
+    except TypeError:  # no vocabulary size to check
+        return tokenizer
+    if size < 2:
+        raise ModelLoadError(f"the tokenizer of {where!r} has {size} token(s): its tokenizer files are missing "
+                             "(tokenizer.json, or vocab/merges); copy them beside the weights")
+    return tokenizer
+
+
+def hub_tokenizer(hf_id: str, revision: str | None = None):
+    """The tokenizer of a hub id or local folder, refused when its files are missing."""
+    from transformers import AutoTokenizer
+
+    try:
+        return check_tokenizer(AutoTokenizer.from_pretrained(hf_id, revision=revision), hf_id)
+    except ValueError as err:  # no tokenizer file to build the fast tokenizer from
+        raise ModelLoadError(f"could not load the tokenizer of {hf_id!r} ({str(err).splitlines()[0]}); "
+                             "its tokenizer files are missing") from None
+
+
+def preflight_tokenizer(cfg) -> None:
+    """A hub model that is a local folder: its tokenizer (a second to load) is checked before
+    any weight loads. Hub ids are checked at load, still before the weights."""
+    hf_id = cfg.paper_hf_id if cfg.checkpoint == "paper" else cfg.hf_id
+    if cfg.source == "hub" and family_of(cfg) != "image-classifier" and hf_id and Path(hf_id).expanduser().is_dir():
+        hub_tokenizer(hf_id, cfg.revision)
+
+
 def load_hub(hf_id: str, dtype: torch.dtype, device_map: str | None = None, revision: str | None = None,
              family: str = "causal-lm") -> LoadedModel:
     import transformers
@@ -159,7 +191,7 @@ def load_hub(hf_id: str, dtype: torch.dtype, device_map: str | None = None, revi
         if family == "image-classifier":
             processor = transformers.AutoImageProcessor.from_pretrained(hf_id, revision=revision)
         else:
-            processor = transformers.AutoTokenizer.from_pretrained(hf_id, revision=revision)
+            processor = hub_tokenizer(hf_id, revision)
         kwargs = {"dtype": dtype, "revision": revision}
         if device_map:
             kwargs["device_map"] = device_map  # accelerate places models bigger than one device
@@ -241,7 +273,7 @@ def load_sbert(hf_id: str, dtype: torch.dtype, revision: str | None = None) -> L
 
     where = sbert_dir(hf_id) or hf_id
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where, revision=None if where != hf_id else revision)
+        tokenizer = check_tokenizer(AutoTokenizer.from_pretrained(where, revision=None if where != hf_id else revision), where)
         model = AutoModel.from_pretrained(where, dtype=dtype, revision=None if where != hf_id else revision)
     except OSError as err:
         raise ModelLoadError(f"could not load {hf_id!r} ({str(err).splitlines()[0]}); offline, install "

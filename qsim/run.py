@@ -18,7 +18,7 @@ from .accum import Accumulator
 from .config import ConfigError, validate
 from .environment import cpu_label
 from .methods import METHODS, StageContext
-from .models import family_of, load_model, model_config, skeleton_layer_names
+from .models import ModelLoadError, family_of, load_model, model_config, preflight_tokenizer, skeleton_layer_names
 from .quantizer import QuantSpec
 from .results import RESULT_FILE, identity_fields, versions, write_json_atomic
 from .surgery import (LayerQuant, SurgeryError, SurgeryPlan, check_patterns, compact_names, freeze_quantized_weights,
@@ -107,6 +107,10 @@ def preflight(cfg, reads: str = "task") -> SurgeryPlan:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     check_causal(plan_leaks(plan), cfg, ConfigError)
+    try:
+        preflight_tokenizer(cfg.model)
+    except ModelLoadError as err:
+        raise ConfigError(str(err)) from None
     config = model_config(cfg.model)
     if config is not None:
         check_positions(cfg, getattr(config, "max_position_embeddings", None), reads)

@@ -183,6 +183,7 @@ def test_lm_eval_bridge_scores_the_simulated_model_in_memory_offline(tmp_path):
     assert r["eval"]["value_metric"] == "qsim_sst2/acc,none" and r["eval"]["samples"] == 24
     assert set(r["eval"]["lm_eval"]["qsim_sst2"]) >= {"acc,none"} and r["quantized"]["attention_calls"] > 0
     assert r["data"]["eval"][0]["file"] == "glue/sst2/dev.tsv"
+    assert r["eval"]["confirm_run_unsafe_code"] is False  # lm-eval's unsafe tasks stay refused unless the key is set
     own = qsim_run(tmp_path / "own", "task=sst2", "task.max_samples=24", "format=w4a8", "method=abfp")
     assert own.returncode == 0, own.stderr[-2000:]
     assert r["value"] == _result(tmp_path / "own")["value"] == pytest.approx(LM_EVAL_SST2_ACC, abs=1e-12)
