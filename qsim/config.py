@@ -193,6 +193,8 @@ class TaskConfig:
     stride: int = 128  # extractive squad: overlap of the context windows of seq_len tokens
     max_answer_tokens: int = 30  # extractive squad: longest answer span
     timeout: float = 10.0  # humaneval: seconds each generated program may run
+    # humaneval: run generated code with limits only when its sandbox cannot be set up (result.json records it)
+    allow_unsandboxed: bool = False
     # lm_eval: lm-evaluation-harness task names (a YAML path only inside task.include_path)
     tasks: List[str] = field(default_factory=list)
     # lm_eval: a folder of extra lm-eval task YAMLs. They are code: `!function` imports Python and
@@ -356,6 +358,8 @@ def validate(cfg) -> None:
     if not (math.isfinite(cfg.task.timeout) and cfg.task.timeout > 0):
         raise ConfigError(f"task.timeout must be a positive number of seconds, got {cfg.task.timeout}")
     _check_lm_eval_keys(cfg.task)
+    if cfg.task.allow_unsandboxed and cfg.task.name != "humaneval":
+        raise ConfigError(f"task.allow_unsandboxed is read by task=humaneval only; task={cfg.task.name} would ignore it")
     if cfg.calib.n_samples < 1 or cfg.calib.seq_len < 2:
         raise ConfigError("calib.n_samples must be >= 1 and calib.seq_len >= 2")
     for step in cfg.method.steps:

@@ -36,7 +36,8 @@ ADDED_KEYS = {("quant", "accum"): "fp32", ("quant", "accum_chunk"): None, ("task
               ("model", "family"): None, ("model", "arch"): "", ("task", "max_new_tokens"): 32, ("task", "stride"): 128,
               ("task", "max_answer_tokens"): 30, ("task", "timeout"): 10.0, ("task", "tasks"): [], ("task", "include_path"): None,
               ("fpt", "weight_granularity"): "tensor", ("sensitivity", "seq_len"): 256,
-              ("fpt", "attention"): False, ("task", "confirm_run_unsafe_code"): False}
+              ("fpt", "attention"): False, ("task", "confirm_run_unsafe_code"): False,
+              ("task", "allow_unsandboxed"): False}
 
 # What result.json records about its identity (see `identity_fields`).
 IDENTITY_FIELDS = ("identity", "config_hash", "config_changes", "data", "numerics_version")

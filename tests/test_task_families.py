@@ -135,6 +135,8 @@ def test_tiny_family_runs_end_to_end(model, tmp_path):
     assert r["metric"] == metric and r["quantized"]["layers"] == layers and r["quantized"]["attention_sites"] == sites
     assert r["quantized"]["attention_calls"] > 0
     assert r["value"] == pytest.approx(FAMILY_VALUES[model] if value is None else value, abs=1e-9)
+    if model == "tiny-codegen":  # generated code ran isolated, and result.json says how
+        assert r["eval"]["sandbox"]["isolated"] is True and "net" in r["eval"]["sandbox"]["namespaces"]
 
 
 def generated_imagenet(root, splits=("val",)):
