@@ -20,15 +20,21 @@ from . import data
 from .config import ConfigError, compose_config, validate
 from .methods import METHODS
 from .models import LoadedModel, family_of_model
+from .presets import check_user_keys, user_keys
 from .run import Bar, build_plan, calibrate, check_causal, check_positions
 from .surgery import SurgeryReport, model_leaks, plan_leaks, quantize_model
 from .tasks import TASKS, calibration_source
 
 
+def _args(settings: dict, overrides) -> list[str]:
+    """The settings and overrides as the command line would give them."""
+    return [*(f"{key.replace('__', '.')}={_value(v)}" for key, v in settings.items()), *overrides]
+
+
 def _config(settings: dict, overrides) -> object:
     from .cli import explain_compose_error
 
-    args = [*(f"{key.replace('__', '.')}={_value(v)}" for key, v in settings.items()), *overrides]
+    args = _args(settings, overrides)
     try:
         return compose_config(args)
     except Exception as err:  # Hydra's errors, as the CLI words them
@@ -54,6 +60,7 @@ class Report:
     config: object
     causal: bool
     causal_leaks: list[str] = field(default_factory=list)
+    method_set: list[dict] = field(default_factory=list)  # what the method chose of the keys left to it
 
     @property
     def layers(self) -> list[str]:
@@ -81,6 +88,7 @@ def quantize(model: torch.nn.Module, format: str = "w4a8", method: str = "abfp",
         plan = build_plan(cfg)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    chosen = check_user_keys(cfg, user_keys(_args(settings, overrides)))  # a setting given here is the user's
     check_causal(plan_leaks(plan), cfg, ConfigError)
     config = getattr(model, "config", None)
     if needs_calib:
@@ -92,7 +100,7 @@ def quantize(model: torch.nn.Module, format: str = "w4a8", method: str = "abfp",
     facts = calibrate(model, tokenizer, cfg, calib=calib)
     leaks = model_leaks(model)
     check_causal(leaks, cfg, ConfigError)
-    return model, Report(surgery, facts, cfg, causal=not leaks, causal_leaks=leaks)
+    return model, Report(surgery, facts, cfg, causal=not leaks, causal_leaks=leaks, method_set=chosen)
 
 
 def _with(cfg, key: str, value):

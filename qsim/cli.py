@@ -198,6 +198,7 @@ def preflight_overrides(overrides: list[str], multirun: bool = False) -> int:
 
     from . import data
     from .config import CONF_DIR, ConfigError, register_configs
+    from .presets import user_keys
     from .run import preflight
 
     register_configs()
@@ -213,7 +214,7 @@ def preflight_overrides(overrides: list[str], multirun: bool = False) -> int:
             except Exception as err:
                 fail(explain_compose_error(err, variant))
             try:
-                preflight(cfg)
+                preflight(cfg, explicit=user_keys(variant))
             except (ConfigError, data.DataError) as err:
                 fail(str(err))
         # the output folder: the variants drop hydra.* overrides, so compose them with the first

@@ -19,6 +19,7 @@ from .config import ConfigError, validate
 from .environment import cpu_label
 from .methods import METHODS, StageContext
 from .models import ModelLoadError, family_of, load_model, model_config, preflight_tokenizer, skeleton_layer_names
+from .presets import check_user_keys, hydra_user_keys, method_set
 from .quantizer import QuantSpec
 from .results import RESULT_FILE, identity_fields, versions, write_json_atomic
 from .surgery import (LayerQuant, SurgeryError, SurgeryPlan, check_patterns, compact_names, freeze_quantized_weights,
@@ -52,8 +53,9 @@ def progress_display(enabled: bool) -> Progress:
     )
 
 
-def build_plan(cfg) -> SurgeryPlan:
-    """The quantizer plan from format + quant config, then each method's configure hook."""
+def build_plan(cfg, steps=None) -> SurgeryPlan:
+    """The quantizer plan from format + quant config, then each method's configure hook (of
+    `steps`, by default the method's)."""
     q, f = cfg.quant, cfg.format
 
     def spec(fmt: str, qc, global_scale: str = "token") -> QuantSpec:
@@ -73,7 +75,7 @@ def build_plan(cfg) -> SurgeryPlan:
         v_axis=q.v_axis,
         accum=Accumulator(q.accum, q.accum_chunk),
     )
-    for step in cfg.method.steps:
+    for step in cfg.method.steps if steps is None else steps:
         METHODS[step].configure(plan, cfg)
     return plan
 
@@ -83,8 +85,9 @@ def build_plan(cfg) -> SurgeryPlan:
 IMAGE_CALIBRATION = ("mse", "smoothquant")
 
 
-def preflight(cfg, reads: str = "task") -> SurgeryPlan:
-    """Every check that needs no weights: names, ranges, data on disk, override patterns.
+def preflight(cfg, reads: str = "task", explicit=None) -> SurgeryPlan:
+    """Every check that needs no weights: names, ranges, data on disk, override patterns, and no
+    method stage changing a key the user set (`explicit`: presets.user_keys of the command line).
     reads: the windows the command feeds besides the calibration's (see check_positions)."""
     validate(cfg)
     calibrates = [s for s in cfg.method.steps if METHODS[s].needs_calibration]
@@ -106,6 +109,7 @@ def preflight(cfg, reads: str = "task") -> SurgeryPlan:
         plan = build_plan(cfg)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    check_user_keys(cfg, explicit)
     check_causal(plan_leaks(plan), cfg, ConfigError)
     try:
         preflight_tokenizer(cfg.model)
@@ -186,12 +190,15 @@ def check_causal(leaks: list[str], cfg, error: type[Exception]) -> None:
                     "or other samples; set quant.causal=false to run it anyway (result.json then says causal: false)")
 
 
-def run(cfg, out_dir: Path) -> dict:
-    """Run one configuration end to end and write out_dir/result.json."""
+def run(cfg, out_dir: Path, explicit=None) -> dict:
+    """Run one configuration end to end and write out_dir/result.json. explicit: the keys the
+    user set (presets.user_keys); by default those of the running Hydra job's command line."""
     out_dir = Path(out_dir)
     timings: dict[str, float] = {}
     t_start = time.time()
-    plan = preflight(cfg)
+    explicit = hydra_user_keys() if explicit is None else explicit
+    plan = preflight(cfg, explicit=explicit)
+    chosen = method_set(cfg)  # the keys the user left to the method, as it set them
     torch.manual_seed(cfg.seed)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     ident = run_identity(cfg)
@@ -268,6 +275,7 @@ def run(cfg, out_dir: Path) -> dict:
             "accumulator": {**plan.accum.describe(), "matmuls": report.accum_matmuls},
         },
         "methods": method_facts,
+        "method_set": chosen,
         "timings": {**timings, "total": round(time.time() - t_start, 3)},
         "versions": versions(),
         "kernels": native.kernels_in_use(),  # native.c or torch: the same numbers (qsim/native.py)

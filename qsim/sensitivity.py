@@ -203,6 +203,7 @@ def cmd_sensitivity(args: list[str]) -> None:
     from . import data
     from .cli import explain_compose_error, fail
     from .config import ConfigError, compose_config
+    from .presets import user_keys
     from .models import ModelLoadError, load_model
     from .results import versions, write_json_atomic
     from .run import Bar, progress_display, calibrate, preflight, run_identity
@@ -220,7 +221,7 @@ def cmd_sensitivity(args: list[str]) -> None:
     except Exception as err:
         fail(explain_compose_error(err, args))
     try:
-        plan = preflight(cfg, reads="sensitivity")
+        plan = preflight(cfg, reads="sensitivity", explicit=user_keys(args))
         if min(cfg.sensitivity.windows, cfg.sensitivity.top, cfg.sensitivity.seq_len - 1) < 1:
             raise ConfigError("sensitivity.windows and sensitivity.top must be >= 1, sensitivity.seq_len >= 2")
         data.check_available(*calibration_source(cfg))
