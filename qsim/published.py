@@ -62,7 +62,13 @@ def load_manifest(path: Path = MANIFEST) -> dict[str, Entry]:
 
 
 def load_published(entry: Entry) -> dict:
-    return json.loads(entry.path.read_text())
+    """The entry's result; a malformed file (results.result_problem) is an error naming it."""
+    from .results import read_result
+
+    result, why = read_result(entry.path)
+    if result is None:
+        raise ValueError(f"published entry {entry.id} ({entry.path.name}): malformed result file ({why})")
+    return result
 
 
 def numerics_version(result: dict | None = None) -> int:
@@ -77,11 +83,13 @@ def numerics_version(result: dict | None = None) -> int:
 def stale_entries(manifest: dict[str, Entry] | None = None) -> list[tuple[Entry, tuple[str, str]]]:
     """Each entry whose file is missing or stale here (results.stale_reason, as sweeps and
     `qsim tables` judge a result), with (kind, detail)."""
-    from .results import stale_reason
+    from .results import MALFORMED, read_result, stale_reason
 
     out = []
     for entry in (load_manifest() if manifest is None else manifest).values():
-        reason = stale_reason(load_published(entry)) if entry.path.exists() else ("missing", str(entry.path))
+        result, why = read_result(entry.path) if entry.path.exists() else (None, None)
+        reason = (stale_reason(result) if result is not None else (MALFORMED, why) if why
+                  else ("missing", str(entry.path)))
         if reason is not None:
             out.append((entry, reason))
     return out

@@ -52,6 +52,7 @@ DATA_CHANGED = "data changed"
 RECIPE_CHANGED = "identity recipe changed"
 NO_ENVIRONMENT = "made before environment identities"
 OTHER_ENVIRONMENT = "other environment"
+MALFORMED = "malformed"  # not a result qsim could have written (result_problem): never reused or shown
 
 
 @functools.lru_cache(maxsize=1)
@@ -234,6 +235,9 @@ def stale_reason(result: dict) -> tuple[str, str] | None:
     environment, or no identity at all); None when it may be reused and shown."""
     from .environment import identity_now
 
+    why = result_problem(result)
+    if why:
+        return MALFORMED, why
     if any(k not in result for k in IDENTITY_FIELDS) or "config" not in result:
         return NO_IDENTITY, "result.json has no identity fields"
     try:
@@ -293,10 +297,103 @@ def versions() -> dict:
     }
 
 
-def load_results(root: Path, pattern: str = RESULT_FILE) -> list[dict]:
-    """Every complete result file under root matching `pattern` (partial files cannot exist:
-    writes are atomic), each with its path as `_path`."""
-    return _read_results(sorted(Path(root).rglob(pattern)))
+# Typed top-level fields of a result (each checked when present: results made before identities
+# lack some, and are stale, not malformed).
+RESULT_TYPES = {"identity": str, "config_hash": str, "config": dict, "config_changes": dict, "data": dict,
+                "environment": dict, "eval": dict, "formats": dict, "finished_at": str, "task": str, "metric": str,
+                "method": str, "model": str, "steps": list, "causal": bool, "published": dict}
+
+
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def _schema_shape(values: dict, defaults: dict, path: str) -> str | None:
+    """Where `values` differs in kind from the schema: a section that is not a dict, a list key
+    that is not a list, a scalar key that holds a dict or list (readers hash and walk these)."""
+    for key, value in values.items():
+        if key not in defaults:
+            continue  # an unknown key: resolve_now calls that stale (config no longer valid)
+        default, where = defaults[key], f"{path}.{key}"
+        if isinstance(default, dict) and default:
+            if not isinstance(value, dict):
+                return f"{where} is not an object"
+            why = _schema_shape(value, default, where)
+            if why:
+                return why
+        elif isinstance(default, list):
+            if not isinstance(value, (list, type(None))) or not all(isinstance(v, _SCALARS) for v in value or []):
+                return f"{where} is not a list of values"
+        elif not isinstance(default, dict) and not isinstance(value, _SCALARS):
+            return f"{where} is not a single value"
+    return None
+
+
+def result_problem(item) -> str | None:
+    """Why `item` (a parsed result file) is not a result qsim could have written, or None. Every
+    reader (tables, sweeps, published, results.load) skips such a file and counts it."""
+    import math
+
+    if not isinstance(item, dict):
+        return f"top level is {type(item).__name__ if item is not None else 'null'}, not an object"
+    value = item.get("value")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return "value is not a finite number"
+    for key, kind in RESULT_TYPES.items():
+        if key in item and not isinstance(item[key], kind):
+            return f"{key} is not {'an object' if kind is dict else 'a ' + kind.__name__}"
+    if "numerics_version" in item:
+        version = item["numerics_version"]
+        # a newer version is a real result of newer code (stale here), not a malformed one
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            return "numerics_version is not a known version"
+    for entries in item.get("data", {}).values():
+        if not isinstance(entries, list) or not all(
+                isinstance(e, dict) and isinstance(e.get("dataset"), str) and isinstance(e.get("split"), str)
+                and (e.get("source") != "offline" or isinstance(e.get("file"), str)) for e in entries):
+            return "data is not a list of datasets per role"
+    if not all(isinstance(s, str) for s in item.get("steps", [])):
+        return "steps are not names"
+    ev = item.get("eval", {})
+    if not isinstance(ev.get("split", ""), str) or any(
+            isinstance(ev[k], bool) or not isinstance(ev[k], int) or ev[k] < 0
+            for k in ("windows", "windows_available", "samples", "samples_available") if k in ev):
+        return "eval's split or extent is not typed"
+    for key in ("config", "config_changes"):
+        why = _schema_shape(item.get(key, {}), schema_defaults(), key)
+        if why:
+            return why
+    return None
+
+
+def read_result(path: Path) -> tuple[dict | None, str | None]:
+    """(result, None) for a well-formed result file, (None, why) for a malformed or unreadable one."""
+    try:
+        item = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError) as err:
+        return None, f"unreadable: {err.strerror or err}" if isinstance(err, OSError) else "not UTF-8 text"
+    except ValueError:
+        return None, "not valid JSON (truncated?)"
+    why = result_problem(item)
+    return (None, why) if why else (item, None)
+
+
+def malformed_line(skipped: list[tuple[Path, str]], root: Path | str | None = None, limit: int = 5) -> str:
+    """One line counting the malformed result files a reader skipped, naming the first few."""
+    def shown(path):
+        try:
+            return str(Path(path).resolve().relative_to(Path(root).resolve())) if root is not None else str(path)
+        except ValueError:
+            return str(path)
+
+    names = ", ".join(f"{shown(p)} ({why})" for p, why in skipped[:limit])
+    more = f", and {len(skipped) - limit} more" if len(skipped) > limit else ""
+    return f"skipped {len(skipped)} malformed result file{'s' * (len(skipped) != 1)}: {names}{more}"
+
+
+def load_results(root: Path, pattern: str = RESULT_FILE, skipped: list | None = None) -> list[dict]:
+    """Every well-formed result file under root matching `pattern` (partial files cannot exist:
+    writes are atomic), each with its path as `_path`; malformed ones go to `skipped` as (path, why)."""
+    return _read_results(sorted(Path(root).rglob(pattern)), skipped)
 
 
 def result_paths(root: Path | str):
@@ -306,17 +403,19 @@ def result_paths(root: Path | str):
     yield from sorted(p for p in Path(root).rglob("*.json") if p.parent.name == "published" and p.name != RESULT_FILE)
 
 
-def load_all_results(root: Path | str) -> list[dict]:
-    """Every run's result under root (result_paths), each with its path as `_path`."""
-    return _read_results(result_paths(root))
+def load_all_results(root: Path | str, skipped: list | None = None) -> list[dict]:
+    """Every run's well-formed result under root (result_paths), each with its path as `_path`;
+    malformed ones (result_problem) go to `skipped` as (path, why)."""
+    return _read_results(result_paths(root), skipped)
 
 
-def _read_results(paths) -> list[dict]:
+def _read_results(paths, skipped: list | None = None) -> list[dict]:
     out = []
     for path in paths:
-        try:
-            item = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+        item, why = read_result(path)
+        if item is None:
+            if skipped is not None:
+                skipped.append((path, why))
             continue
         item["_path"] = str(path)
         out.append(item)
@@ -333,8 +432,9 @@ def load(root: Path | str = "results"):
     from .environment import cpu_label
 
     rows = []
-    for r in load_all_results(root):
-        if "value" not in r or "config" not in r:
+    skipped: list = []
+    for r in load_all_results(root, skipped):
+        if "config" not in r:
             continue
         reason = stale_reason(r)
         row = {"path": r["_path"], "task": r.get("task"), "metric": r.get("metric"), "value": r["value"],
@@ -345,4 +445,10 @@ def load(root: Path | str = "results"):
                "threads": (r.get("environment") or {}).get("threads"), "finished_at": r.get("finished_at")}
         row.update({f"config.{k}": v for k, v in _leaves(r["config"])})
         rows.append(row)
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    frame.attrs["skipped"] = [(str(p), why) for p, why in skipped]  # malformed files, not rows
+    if skipped:
+        import logging
+
+        logging.getLogger("qsim").warning("qsim.results.load: %s", malformed_line(skipped, root))
+    return frame

@@ -9,8 +9,10 @@ Hydra's multirun has none of these, so every multirun job goes through
   model loads) already has a complete, fresh result.json anywhere under the
   results root is skipped with one line. A stale result of the same config
   (another numerics version, changed data or defaults, another environment)
-  is never reused: the job re-runs and says why in one line. Writes are atomic
-  (results.write_json_atomic), so "exists" means "complete".
+  is never reused: the job re-runs and says why in one line. Nor is a malformed
+  one (results.result_problem): the job runs, and its status and the summary
+  count the file. Writes are atomic (results.write_json_atomic), so "exists"
+  means "complete".
 - **No job runs twice at once**: the job holds an flock on
   `<root>/multirun/.locks/<identity>.lock` while it checks and runs; a duplicate
   job waits, then finds the result and skips. The kernel drops the lock when
@@ -46,7 +48,8 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from .results import RESULT_FILE, result_paths, stale_reason, why_different, write_json_atomic
+from .results import (RESULT_FILE, malformed_line, read_result, result_paths, stale_reason, why_different,
+                      write_json_atomic)
 
 log = logging.getLogger("qsim")
 
@@ -76,22 +79,24 @@ def job_identity(cfg) -> dict:
     return {**run_identity(cfg), "config": OmegaConf.to_container(cfg, resolve=True)}
 
 
-def find_result(root: Path, job: dict) -> tuple[Path | None, list[tuple[Path, tuple[str, str]]]]:
+def find_result(root: Path, job: dict, malformed: list | None = None) -> tuple[Path | None, list[tuple[Path, tuple[str, str]]]]:
     """The newest complete, fresh result under root (a result.json, or a published entry: the
     same result) with the job's identity (or None), and the stale results of the same config as
-    asked for (config_hash or identity), each with why."""
+    asked for (config_hash or identity), each with why. A file naming the job that is malformed
+    (results.result_problem) is never reused: it goes to `malformed` as (path, why)."""
     ident, chash = job["identity"], job["config_hash"]
     needles = (f'"identity": "{ident}"', f'"config_hash": "{chash}"')
     fresh, stale = [], []
     for path in result_paths(root):
         try:
-            text = path.read_text()
-            if not any(n in text for n in needles):  # cheap filter before parsing
+            if not any(n in path.read_text(errors="replace") for n in needles):  # cheap filter before parsing
                 continue
-            item = json.loads(text)
-        except (OSError, json.JSONDecodeError):
+        except OSError:
             continue
-        if "value" not in item:
+        item, why = read_result(path)
+        if item is None:
+            if malformed is not None:
+                malformed.append((path, why))
             continue
         if item.get("identity") == ident:
             reason = stale_reason(item)  # e.g. an explicit value that was the default when it ran
@@ -202,12 +207,16 @@ def run_sweep_job(cfg, job: JobInfo | None = None) -> float | None:
         return None
     root = results_root()
     with identity_lock(root, ident["identity"]):
-        existing, stale = find_result(root, ident) if resume_enabled() else (None, [])
-        if existing is not None:
-            value = json.loads(existing.read_text())["value"]
-            _write_status(job, "skipped", ident, started, result=str(existing), value=value)
+        malformed: list = []
+        existing, stale = find_result(root, ident, malformed) if resume_enabled() else (None, [])
+        found = read_result(existing)[0] if existing is not None else None  # checked again: it is reused
+        bad = {"malformed": [[str(p), why] for p, why in malformed]} if malformed else {}
+        if malformed:
+            log.warning("%s: %s", job.label, malformed_line(malformed, root))
+        if found is not None:
+            _write_status(job, "skipped", ident, started, result=str(existing), value=found["value"], **bad)
             log.info("skip %s: identity %s already has %s", job.label, ident["identity"], existing)
-            return value
+            return found["value"]
         if stale:
             path, (kind, detail) = stale[0]
             more = f" (and {len(stale) - 1} more)" if len(stale) > 1 else ""
@@ -226,10 +235,10 @@ def run_sweep_job(cfg, job: JobInfo | None = None) -> float | None:
             else:
                 message, tb_path = _one_line(err), _write_traceback(job.out_dir, err)
             _write_status(job, "failed", ident, started, error=message,
-                          traceback=str(tb_path) if tb_path else None)
+                          traceback=str(tb_path) if tb_path else None, **bad)
             log.error("FAILED %s: %s (traceback: %s)", job.label, message, tb_path)
             return None
-    _write_status(job, "done", ident, started, result=str(job.out_dir / RESULT_FILE), value=value, job_pid=job_pid)
+    _write_status(job, "done", ident, started, result=str(job.out_dir / RESULT_FILE), value=value, job_pid=job_pid, **bad)
     return value
 
 
@@ -292,12 +301,17 @@ def summarize(sweep_dir: Path) -> dict:
         try:
             record = json.loads((d / STATUS_FILE).read_text())
         except (OSError, json.JSONDecodeError):
+            record = None
+        if not isinstance(record, dict) or record.get("status") not in ("done", "skipped", "failed"):
             record = {"status": "failed", "error": "no status.json: the job process died before finishing"}
         record["dir"] = str(d)
         jobs.append(record)
     counts = {k: sum(j["status"] == k for j in jobs) for k in ("done", "skipped", "failed")}
+    malformed = {pair[0]: pair[1] for j in jobs for pair in j.get("malformed") or []
+                 if isinstance(pair, list) and len(pair) == 2}  # one entry per file
     return {"sweep_dir": str(sweep_dir), "jobs": len(jobs), **counts,
             "failed_jobs": [j for j in jobs if j["status"] == "failed"],
+            "malformed_results": [[p, why] for p, why in sorted(malformed.items())],
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
@@ -307,6 +321,8 @@ def summary_lines(summary: dict) -> list[str]:
     for j in summary["failed_jobs"]:
         where = j.get("traceback") or j["dir"]
         lines.append(f"  failed: {' '.join(j.get('overrides', [])) or j['dir']}: {j.get('error')} ({where})")
+    if summary.get("malformed_results"):
+        lines.append(f"  {malformed_line(summary['malformed_results'], results_root())} (never reused)")
     return lines
 
 

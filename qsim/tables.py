@@ -21,7 +21,8 @@ the experiment that made it:
 
 Only fresh results count: a stale one (results.stale_reason: another numerics
 version, changed data or defaults, another environment, no identity) never fills
-a cell, and `qsim tables` says how many it ignored and why. The CPU is recorded,
+a cell, and `qsim tables` says how many it ignored and why; a malformed file
+(results.result_problem) is skipped and counted the same way. The CPU is recorded,
 not part of the identity: a table whose results ran on more than one CPU says
 which in a footnote.
 
@@ -45,7 +46,7 @@ from datetime import datetime
 from pathlib import Path
 
 from .environment import cpu_label
-from .results import ADDED_KEYS, NON_SEMANTIC, load_all_results, stale_reason
+from .results import ADDED_KEYS, NON_SEMANTIC, load_all_results, malformed_line, stale_reason
 
 # results/paper/ and conf/, beside the code (symlinks in a checkout, package data in a wheel)
 PAPER_CSV = Path(__file__).resolve().parent / "paper" / "int_fp_qsim_tables.csv"
@@ -585,9 +586,11 @@ def build_all(results_root: Path, out_dir: Path) -> list[str] | None:
     """Render every table and figure; returns one line per output, or None if there are no results."""
     from .plots import FIGURES, render_figure
 
-    loaded = load_all_results(results_root)
+    skipped: list = []
+    loaded = load_all_results(results_root, skipped)
+    malformed = f"qsim tables: {malformed_line(skipped, results_root)}" if skipped else None
     if not loaded:
-        return None
+        return None if malformed is None else [malformed, NO_RESULTS.format(root=results_root)]
     results, stale = [], Counter()
     for r in loaded:
         reason = stale_reason(r)
@@ -598,6 +601,9 @@ def build_all(results_root: Path, out_dir: Path) -> list[str] | None:
     paper = load_paper()
     indexed = index_results(results)
     lines, index = [], [f"# INT-FP-QSim tables, rebuilt by `qsim tables` from {len(results)} results", ""]
+    if malformed:
+        lines.append(malformed)
+        index += [malformed.replace("qsim tables: ", "", 1), ""]
     if stale:
         line = stale_line(stale)
         lines.append(line)
