@@ -43,16 +43,32 @@ BAD_INPUT = [
 ]
 
 
-@pytest.mark.parametrize("args,must,also", BAD_INPUT, ids=[a[0][-1] for a in BAD_INPUT])
-def test_bad_input_is_one_line_exit_2_no_traceback(args, must, also):
-    proc = qsim("run", *args)
-    assert proc.returncode == 2, proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, proc.stderr
+def assert_one_line_error(code, stdout, stderr, must, also):
+    assert code == 2, stderr
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, stderr
     assert lines[0].startswith("qsim: error: ")
     assert must in lines[0] and also in lines[0]
-    assert "Traceback" not in proc.stderr + proc.stdout
-    assert "load" not in proc.stdout  # stopped before the model loaded
+    assert "Traceback" not in stderr + stdout
+    assert "load" not in stdout  # stopped before the model loaded
+
+
+@pytest.mark.parametrize("args,must,also", BAD_INPUT, ids=[a[0][-1] for a in BAD_INPUT])
+def test_bad_input_is_one_line_exit_2_no_traceback(args, must, also, capsys):
+    """`qsim run` checks every job before Hydra starts (cli.preflight_overrides), here in-process;
+    the next test runs the real command for a few of these."""
+    from qsim.cli import preflight_overrides
+
+    with pytest.raises(SystemExit) as stopped:
+        preflight_overrides(list(args))
+    out = capsys.readouterr()
+    assert_one_line_error(stopped.value.code, out.out, out.err, must, also)
+
+
+@pytest.mark.parametrize("args,must,also", [BAD_INPUT[0], BAD_INPUT[12], BAD_INPUT[-1]], ids=["model", "value", "positions"])
+def test_bad_input_on_the_command_line_is_one_line_exit_2(args, must, also):
+    proc = qsim("run", *args)
+    assert_one_line_error(proc.returncode, proc.stdout, proc.stderr, must, also)
 
 
 def test_bad_sweep_value_is_caught_before_any_job_runs(tmp_path):
